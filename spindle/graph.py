@@ -76,6 +76,8 @@ class MetaOp:
     deps: tuple[int, ...]
     level: int
     out_elements_per_sample: float  # elements handed to each consumer after the last layer
+    extra_flops: float = 0.0  # fwd+bwd FLOPs of the fused light parts (adapters, projection, LM head)
+    extra_params: int = 0  # parameters of those parts
 
     @property
     def num_layers(self) -> int:
@@ -91,9 +93,11 @@ class MetaOp:
         if self.is_loss:
             # similarity matrix and its gradient: 3 * 2 * B * B * d
             return 6.0 * self.batch * self.batch * self.hidden
-        return self.batch * costmodel.layer_train_flops(
+        block = self.batch * costmodel.layer_train_flops(
             self.kind, self.hidden, self.ffn, self.tokens, self.memory_tokens
         )
+        # the fused light parts are spread evenly over the chain, so T_m stays one per-layer time
+        return block + self.extra_flops / self.num_layers
 
     @property
     def params_per_layer(self) -> int:
@@ -242,12 +246,14 @@ def contract(w: Workload) -> MetaGraph:
         t = first.optype
         name = f"{first.ref.task}/{first.ref.stage}"
         out_elems = _output_elements(w, first.ref, t)
+        extra_flops, extra_params = _light_parts(w, chain) if t.kind != LOSS_KIND else (0.0, 0)
         metaops.append(
             MetaOp(
                 id=c, name=name, task=first.ref.task, kind=t.kind, component=t.component,
                 layers=tuple(o.ref for o in chain), batch=first.batch, tokens=first.tokens,
                 memory_tokens=first.memory_tokens, hidden=t.hidden, heads=t.heads, ffn=t.ffn,
                 deps=tuple(sorted(deps[c])), level=level[c], out_elements_per_sample=out_elems,
+                extra_flops=extra_flops, extra_params=extra_params,
             )
         )
     return MetaGraph(w, metaops, ops)
@@ -265,3 +271,36 @@ def _output_elements(w: Workload, ref: LayerRef, t: OpType) -> float:
     if task.loss.type == "lm" and ref.stage == task.loss.stage:
         return 0.0
     return float(w.stage_output_tokens(task)[ref.stage] * t.hidden)
+
+
+def _light_parts(w: Workload, chain: list[Operator]) -> tuple[float, int]:
+    """FLOPs (fwd+bwd, whole batch) and parameters of the light parts fused into a chain: the
+    input adapter and input projections at a stage's first layer; final norm, output projection
+    and LM head at its last layer."""
+    flops, params = 0.0, 0
+    for op in chain:
+        ref = op.ref
+        task = w.task(ref.task)
+        comp = w.components[ref.component]
+        stage = next(s for s in task.stages if s.name == ref.stage)
+        b, h = op.batch, comp.hidden
+        if ref.layer == 0:
+            if stage.tokens and comp.input is not None and comp.input.type == "features":
+                flops += 6.0 * b * stage.tokens * comp.input.dim * h  # type: ignore[operator]
+                params += comp.input.dim * h + h  # type: ignore[operator]
+            elif stage.tokens and comp.input is not None:
+                params += comp.input.vocab * h  # type: ignore[operator]
+            out_tok = w.stage_output_tokens(task)
+            for src in (*stage.inputs, *([stage.memory] if stage.memory else [])):
+                src_comp = w.components[next(s for s in task.stages if s.name == src).component]
+                flops += 6.0 * b * out_tok[src] * src_comp.hidden * h
+                params += src_comp.hidden * h + h
+        if ref.layer == comp.layers - 1:
+            params += 2 * h
+            if task.loss.type == "contrastive" and ref.stage in task.loss.inputs:
+                flops += 6.0 * b * h * (comp.output_dim or 0)
+                params += h * (comp.output_dim or 0)
+            if task.loss.type == "lm" and ref.stage == task.loss.stage:
+                flops += 6.0 * b * stage.tokens * h * (comp.vocab or 0)
+                params += h * (comp.vocab or 0)
+    return flops, params

@@ -198,6 +198,30 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
+def row_range(batch: int, n: int, k: int) -> tuple[int, int]:
+    """Rows of a batch of ``batch`` samples held by member ``k`` of a group of ``n`` devices."""
+    per = batch // n
+    return k * per, (k + 1) * per
+
+
+def transfer_rows(
+    src: tuple[int, ...], dst: tuple[int, ...], batch: int
+) -> list[tuple[int, int, int, int]]:
+    """How rows move from a group ``src`` to a group ``dst`` (each data-parallel over ``batch``):
+    ``(src_device, dst_device, row_start, row_end)`` for every overlap of row ranges, including
+    the overlaps where ``src_device == dst_device`` (a local copy).  Runtime and simulator both use
+    this, so the bytes the simulator predicts are the bytes the runtime sends."""
+    out: list[tuple[int, int, int, int]] = []
+    for i, sd in enumerate(src):
+        a0, a1 = row_range(batch, len(src), i)
+        for j, dd in enumerate(dst):
+            b0, b1 = row_range(batch, len(dst), j)
+            lo, hi = max(a0, b0), min(a1, b1)
+            if lo < hi:
+                out.append((sd, dd, lo, hi))
+    return out
+
+
 def plan_metaops(graph: MetaGraph) -> tuple[PlanMetaOp, ...]:
     """The plan's record of the MetaGraph."""
     return tuple(

@@ -1,0 +1,189 @@
+"""The ``spindle`` command line: workloads, profile, plan, show, train, demo.
+
+Every user error (bad workload file, unknown name, impossible device count, bad plan) ends in one
+line ``spindle: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("spindle")
+
+
+def _cmd_workloads(args: argparse.Namespace) -> int:
+    from spindle.graph import contract
+    from spindle.workload import load_workload, shipped_workloads
+
+    print(f"{'name':<22} {'params':>9} {'tasks':>5} {'MetaOps':>7}  description")
+    for name in shipped_workloads():
+        w = load_workload(name)
+        g = contract(w)
+        params = w.num_parameters()
+        shown = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e3:.0f}K"
+        print(f"{name:<22} {shown:>9} {len(w.tasks):>5} {len(g.metaops):>7}  {w.description}")
+    return 0
+
+
+def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workload", help="a shipped workload name (see `spindle workloads`) or a file")
+    p.add_argument("--devices", "-n", type=int, required=True, help="number of devices N")
+    p.add_argument("--devices-per-node", type=int, default=None,
+                   help="devices per node (default: the hardware preset's, capped at N)")
+    p.add_argument("--hardware", default="a800", help="hardware preset name or YAML file")
+    p.add_argument("--profile", default=None, help="measured profile (from `spindle profile`)")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from spindle.planning import BASELINES, evaluate, make_context
+    from spindle.report import gantt, summary_text
+
+    ctx = make_context(args.workload, args.devices, args.devices_per_node, args.hardware,
+                       args.profile)
+    res = evaluate(ctx, args.planner)
+    baselines = {}
+    if not args.no_baselines:
+        baselines = {b: evaluate(ctx, b) for b in BASELINES if b != args.planner}
+    if args.out:
+        res.plan.save(args.out)
+    if args.gantt:
+        gantt(res.plan, args.gantt)
+    if args.json:
+        sim = res.simulation
+        out = {
+            "workload": ctx.workload.name,
+            "planner": args.planner,
+            "devices": args.devices,
+            "devices_per_node": ctx.devices_per_node,
+            "hardware": ctx.hardware.name,
+            "schedule_s": sim.schedule_s,
+            "makespan_s": sim.makespan_s,
+            "compute_s": sim.compute_s,
+            "send_recv_time_s": sim.send_recv_s,
+            "send_recv_bytes": sim.send_recv_bytes,
+            "param_sync_s": sim.sync_s,
+            "relaxed_optimum_s": res.relaxed_optimum_s,
+            "lower_bound_s": res.lower_bound_s,
+            "makespan_lower_bound_s": res.compute_lower_bound_s,
+            "waves": len(res.plan.waves),
+            "planning_time_s": res.planning_time_s,
+            "baselines": {
+                name: {"schedule_s": b.simulation.schedule_s,
+                       "makespan_s": b.simulation.makespan_s,
+                       "waves": len(b.plan.waves)}
+                for name, b in baselines.items()
+            },
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        print(summary_text(res, baselines))
+        if args.out:
+            print(f"plan written to {args.out}")
+        if args.gantt:
+            print(f"Gantt chart written to {args.gantt}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from spindle.plan import Plan
+    from spindle.report import gantt
+
+    plan = Plan.load(args.plan)
+    print(f"plan v{plan.version}: {plan.workload} ({plan.workload_fingerprint}), planner"
+          f" {plan.planner}, {plan.num_devices} devices, {len(plan.waves)} waves,"
+          f" schedule {plan.schedule_s * 1e3:.2f} ms")
+    for k, v in sorted(plan.estimates.items()):
+        print(f"  {k:<20} {v:.6g}")
+    names = {m.id: m.name for m in plan.metaops}
+    for i, w in enumerate(plan.waves):
+        parts = ", ".join(f"{names[s.metaop]}[{s.layer_start}:{s.layer_end}]@{list(s.devices)}"
+                          for s in w.slices)
+        print(f"  wave {i:3d} {w.duration_s * 1e3:8.2f} ms  {parts}")
+    if args.gantt:
+        gantt(plan, args.gantt)
+        print(f"Gantt chart written to {args.gantt}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spindle.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spindle.planners import PLANNERS
+
+    parser = argparse.ArgumentParser(
+        prog="spindle", description="Plan and run multi-task multi-modal training as waves.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("workloads", help="list the shipped workloads")
+    p.set_defaults(func=_cmd_workloads)
+
+    p = sub.add_parser("plan", help="plan a workload and compare with the baselines")
+    _add_planning_arguments(p)
+    p.add_argument("--planner", default="spindle", choices=sorted(PLANNERS))
+    p.add_argument("--out", "-o", default=None, help="write the plan as JSON here")
+    p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baseline planners")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("show", help="summarise a plan file (and draw it)")
+    p.add_argument("plan")
+    p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
+    p.set_defaults(func=_cmd_show)
+
+    try:
+        from spindle.profiler import add_profile_arguments, run_profile_command
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        p = sub.add_parser("profile", help="time real layers on this machine")
+        add_profile_arguments(p)
+        p.set_defaults(func=run_profile_command)
+
+    try:
+        from spindle.launcher import add_train_arguments, run_train_command
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        p = sub.add_parser("train", help="plan and train with torchrun on local processes")
+        add_train_arguments(p)
+        p.set_defaults(func=run_train_command)
+
+    p = sub.add_parser("demo", help="plan and train the default tiny workload on 2 processes")
+    p.add_argument("--workload", default="tiny-multitask-clip")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("spindle: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # every user-facing error type derives from these
+        if args.debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"spindle: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

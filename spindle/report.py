@@ -1,0 +1,96 @@
+"""Reports: a readable plan summary and a Gantt chart of devices against time."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from spindle.plan import Plan, write_atomic
+
+if TYPE_CHECKING:
+    from spindle.planning import PlanResult
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:9.2f} ms"
+
+
+def summary_text(res: "PlanResult", baselines: dict[str, "PlanResult"]) -> str:
+    p, sim = res.plan, res.simulation
+    lines = [
+        f"workload {p.workload}  planner {p.planner}  devices {p.num_devices}"
+        f" ({p.devices_per_node} per node, {p.hardware})",
+        f"  waves              {len(p.waves)}",
+        f"  schedule           {_ms(sim.schedule_s)}   (planner's view: sum of wave lengths)",
+        f"  relaxed optimum C* {_ms(res.relaxed_optimum_s)}   schedule / C* = "
+        f"{sim.schedule_s / res.relaxed_optimum_s:.3f}",
+        f"  lower bound        {_ms(res.lower_bound_s)}   schedule / LB = "
+        f"{sim.schedule_s / res.lower_bound_s:.3f}",
+        f"  simulated iteration{_ms(sim.makespan_s)}   = compute {sim.compute_s * 1e3:.2f}"
+        f" + send/recv {sim.send_recv_s * 1e3:.2f} + param sync {sim.sync_s * 1e3:.2f} ms",
+        f"  planning time      {res.planning_time_s * 1e3:9.1f} ms",
+    ]
+    if baselines:
+        lines.append("  baselines (simulated iteration, speedup of this plan):")
+        for name, b in baselines.items():
+            lines.append(
+                f"    {name:<11} {_ms(b.simulation.makespan_s)}   "
+                f"x{b.simulation.makespan_s / sim.makespan_s:.2f}"
+            )
+    lines.append("  waves (MetaOp[layers] x devices):")
+    names = {m.id: m.name for m in p.metaops}
+    for i, w in enumerate(p.waves[:40]):
+        parts = ", ".join(
+            f"{names[s.metaop]}[{s.layer_start}:{s.layer_end}]x{s.n}" for s in w.slices
+        )
+        lines.append(f"    {i:3d} {_ms(w.duration_s)}  {parts}")
+    if len(p.waves) > 40:
+        lines.append(f"    ... {len(p.waves) - 40} more waves")
+    return "\n".join(lines)
+
+
+def gantt(plan: Plan, path: str | Path, title: str | None = None) -> None:
+    """Devices (rows) against time (forward waves, estimator time); one colour per MetaOp,
+    each slice labelled with its MetaOp and layer range.  Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {m.id: m.name for m in plan.metaops}
+    cmap = matplotlib.colormaps["tab20"]
+    fig_h = min(2 + 0.25 * plan.num_devices, 14)
+    fig, ax = plt.subplots(figsize=(14, fig_h))
+    t = 0.0
+    for w in plan.waves:
+        for s in w.slices:
+            color = cmap(s.metaop % 20)
+            devs = sorted(s.devices)
+            # draw contiguous runs of devices as one bar
+            runs: list[list[int]] = []
+            for d in devs:
+                if runs and d == runs[-1][-1] + 1:
+                    runs[-1].append(d)
+                else:
+                    runs.append([d])
+            for run in runs:
+                ax.broken_barh([(t * 1e3, s.time_s * 1e3)], (run[0], len(run)),
+                               facecolors=color, edgecolors="black", linewidth=0.4)
+                if s.time_s > 0.02 * max(plan.schedule_s, 1e-12):
+                    ax.text((t + s.time_s / 2) * 1e3, run[0] + len(run) / 2,
+                            f"{names[s.metaop]}\n[{s.layer_start}:{s.layer_end}]",
+                            ha="center", va="center", fontsize=6, clip_on=True)
+        t += w.duration_s
+        ax.axvline(t * 1e3, color="grey", linewidth=0.3)
+    ax.set_xlim(0, max(t * 1e3, 1e-9))
+    ax.set_ylim(plan.num_devices, 0)
+    ax.set_xlabel("time in the forward+backward schedule (ms, estimator)")
+    ax.set_ylabel("device")
+    ax.set_title(title or f"{plan.workload}: {plan.planner} plan on {plan.num_devices} devices,"
+                 f" {len(plan.waves)} waves")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(Path(path), buf.getvalue())
