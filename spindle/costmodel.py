@@ -1,7 +1,7 @@
 """Analytic sizes of one transformer layer: FLOPs, parameters and activation bytes.
 
 These are exact counts of the matrix multiplications the runtime's blocks perform (the
-``spindle.runtime.modules`` blocks), used by the hardware model, the memory model and the
+blocks in ``spindle.runtime.model``), used by the hardware model, the memory model and the
 simulator.  Elementwise work (norms, softmax, activations) is not counted as FLOPs; the hardware
 model charges it as per-layer overhead and memory traffic.
 """
@@ -70,7 +70,7 @@ def component_parameters(c: "Component") -> int:
             total += c.input.vocab * c.hidden  # type: ignore[operator]
         else:
             total += c.input.dim * c.hidden + c.hidden  # type: ignore[operator]
-    total += 2 * c.hidden  # final norm
+    total += c.hidden if c.kind == "llm" else 2 * c.hidden  # final RMSNorm / LayerNorm
     if c.output_dim is not None:
         total += c.hidden * c.output_dim
     if c.vocab is not None:
