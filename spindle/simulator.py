@@ -6,11 +6,19 @@ The simulated iteration is what the runtime does, in order:
   the estimator's *compute* time (``compute_time``: no gradient all-reduce inside);
 * send/recv: before a slice starts, its inputs move from the devices that produced them (the
   previous slice of its MetaOp, or the last slice of each producer MetaOp), re-split over its
-  group; in backward the gradients travel the same way back.  A transfer is charged to the link it
-  crosses (intra-node or inter-node); per wave boundary the slowest device's traffic counts;
-* parameter sync: after backward, every parameter's gradient is all-reduced inside its device
-  group (all devices that hold a replica); groups that share a device run one after another;
+  group by :func:`spindle.plan.transfer_rows` (a contrastive loss runs on the first device of its
+  group with the whole batch, as the runtime runs it); in backward the gradients travel the same
+  way back.  A transfer is charged to the link it crosses (intra-node or inter-node); per wave
+  boundary the slowest device's traffic counts, plus one latency of the slowest link crossed;
+* parameter sync: after backward, every logical parameter's gradient is all-reduced inside its
+  device group (all devices that execute an operator using it, :func:`spindle.memory.
+  parameter_holders`: the runtime's pools); groups that share a device run one after another;
   disjoint groups run side by side.
+
+:class:`Links` is what the simulator needs of a cluster; :func:`links_for_cluster` builds it
+from a :class:`spindle.cluster.Cluster`, so the placement, the memory model and the simulator
+see the same nodes and bandwidths.  :func:`predicted_send_bytes` is the bytes the runtime sends
+per iteration for a plan (forward + backward, between different devices).
 
 ``schedule_s`` is the planner's own view (sum of wave lengths under ``time``, which includes a
 per-layer data-parallel all-reduce).  ``makespan_s`` is compute + send/recv + sync.
@@ -21,14 +29,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from spindle.cluster import Cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph
+from spindle.memory import executing_devices, parameter_holders
 from spindle.plan import Plan, transfer_rows
 
 
 @dataclass(frozen=True)
 class Links:
-    """What the simulator needs of a cluster: bandwidths (bytes/s), latency (s), element sizes."""
+    """What the simulator needs of a cluster: bandwidths (bytes/s), latencies (s), element
+    sizes.  ``inter_node_latency_s`` defaults to ``latency_s`` (the intra-node latency)."""
 
     devices_per_node: int
     intra_node_bw: float
@@ -36,6 +47,7 @@ class Links:
     latency_s: float = 0.0
     activation_bytes: int = 2
     grad_bytes: int = 2
+    inter_node_latency_s: float | None = None
 
     def node(self, device: int) -> int:
         return device // self.devices_per_node
@@ -43,13 +55,35 @@ class Links:
     def bandwidth(self, a: int, b: int) -> float:
         return self.intra_node_bw if self.node(a) == self.node(b) else self.inter_node_bw
 
+    def latency(self, inter_node: bool) -> float:
+        if inter_node and self.inter_node_latency_s is not None:
+            return self.inter_node_latency_s
+        return self.latency_s
+
     def allreduce_s(self, nbytes: float, group: tuple[int, ...]) -> float:
-        """Ring all-reduce: 2 (n-1)/n of the bytes over the group's slowest link."""
+        """Ring all-reduce, as :meth:`spindle.hardware.HardwareModel.allreduce_time`:
+        latency + 2 (n-1)/n of the bytes over the group's slowest link."""
         n = len(group)
         if n <= 1 or nbytes <= 0:
             return 0.0
-        bw = self.intra_node_bw if len({self.node(d) for d in group}) == 1 else self.inter_node_bw
-        return 2 * (n - 1) * self.latency_s + 2.0 * (n - 1) / n * nbytes / bw
+        inter = len({self.node(d) for d in group}) > 1
+        bw = self.inter_node_bw if inter else self.intra_node_bw
+        return self.latency(inter) + 2.0 * (n - 1) / n * nbytes / bw
+
+
+def links_for_cluster(cluster: Cluster, activation_bytes: int | None = None) -> Links:
+    """The simulator's view of ``cluster``: its nodes, bandwidths and latencies; activations in
+    the cluster precision's element size (2 for bf16, 4 for fp32) unless given."""
+    hw = cluster.hardware
+    return Links(
+        devices_per_node=cluster.devices_per_node,
+        intra_node_bw=hw.intra_node_bandwidth,
+        inter_node_bw=hw.inter_node_bandwidth,
+        latency_s=hw.intra_node_latency_s,
+        activation_bytes=activation_bytes or cluster.memory_model().activation_bytes,
+        grad_bytes=hw.grad_bytes,
+        inter_node_latency_s=hw.inter_node_latency_s,
+    )
 
 
 @dataclass
@@ -81,7 +115,8 @@ class SimulationResult:
 
 def inter_wave_transfers(plan: Plan, graph: MetaGraph) -> list[list[tuple[int, int, float]]]:
     """For each wave, the forward transfers into it: ``(src_device, dst_device, elements)`` for
-    every row range that moves between two different devices."""
+    every row range that moves between two different devices (into a contrastive loss: to the
+    first device of its group, which runs it on the whole batch)."""
     last_slice_devices: dict[int, tuple[int, ...]] = {}
     out: list[list[tuple[int, int, float]]] = []
     for wave in plan.waves:
@@ -95,8 +130,9 @@ def inter_wave_transfers(plan: Plan, graph: MetaGraph) -> list[list[tuple[int, i
                     (last_slice_devices[d], graph.metaops[d].out_elements_per_sample)
                     for d in m.deps
                 ]
+            dst = executing_devices(m, s.devices)
             for src, per_sample in sources:
-                for sd, dd, r0, r1 in transfer_rows(src, s.devices, m.batch):
+                for sd, dd, r0, r1 in transfer_rows(src, dst, m.batch):
                     if sd != dd and per_sample > 0:
                         moves.append((sd, dd, (r1 - r0) * per_sample))
         for s in wave.slices:
@@ -107,21 +143,16 @@ def inter_wave_transfers(plan: Plan, graph: MetaGraph) -> list[list[tuple[int, i
 
 def parameter_groups(plan: Plan, graph: MetaGraph) -> dict[tuple[int, ...], float]:
     """Device group -> parameters replicated on exactly those devices (the runtime's pool)."""
-    holders: dict[tuple[str, int], set[int]] = defaultdict(set)
-    size: dict[tuple[str, int], float] = {}
-    for wave in plan.waves:
-        for s in wave.slices:
-            m = graph.metaops[s.metaop]
-            for layer in range(s.layer_start, s.layer_end):
-                ref = m.layers[layer]
-                key = (ref.component or f"loss:{ref.task}", ref.layer)
-                holders[key].update(s.devices)
-                # light parts (adapters, heads) are charged to the chain's layers evenly
-                size[key] = max(size.get(key, 0.0), m.params_per_layer + m.extra_params / m.num_layers)
-    pools: dict[tuple[int, ...], float] = defaultdict(float)
-    for key, devs in holders.items():
-        pools[tuple(sorted(devs))] += size[key]
-    return dict(pools)
+    return parameter_holders(plan, graph)
+
+
+def predicted_send_bytes(plan: Plan, graph: MetaGraph, element_bytes: int) -> float:
+    """Bytes sent between different devices in one iteration, forward activations plus the
+    same volume of gradients in backward, with ``element_bytes`` per element (4 for the fp32 CPU
+    runtime).  Local copies (same device) are not counted.  The runtime re-splits rows with
+    :func:`spindle.plan.transfer_rows` too, so its measured bytes sent must equal this."""
+    return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan, graph)
+                                     for _, _, e in moves)
 
 
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -> SimulationResult:
@@ -160,7 +191,8 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
             t = nbytes / links.bandwidth(sd, dd)
             out_t[sd] += t
             in_t[dd] += t
-        boundary = links.latency_s + max(max(out_t.values()), max(in_t.values()))
+        crosses = any(links.node(sd) != links.node(dd) for sd, dd, _ in moves)
+        boundary = links.latency(crosses) + max(max(out_t.values()), max(in_t.values()))
         send_recv += 2 * boundary  # forward activations, then the same volume of gradients back
 
     per_device_sync: dict[int, float] = defaultdict(float)
