@@ -1,0 +1,192 @@
+"""Tests of ``spindle profile``: the measured blocks, the collective fit, the profile file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spindle.graph import contract
+from spindle.profiler import (
+    PROFILE_SCHEMA_VERSION,
+    ProfileError,
+    add_profile_arguments,
+    build_block,
+    fit_collective,
+    load_profile,
+    run_profile_command,
+    time_metaop,
+)
+from spindle.scalability import layer_grad_params, make_estimator, signature
+from spindle.workload import load_workload
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_profile_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def clip_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("prof") / "profile.json"
+    t0 = time.perf_counter()
+    rc = run_profile_command(
+        _args("tiny-multitask-clip", "--devices", "2", "--out", str(out), "--repeats", "3",
+              "--no-progress")
+    )
+    assert rc == 0
+    return out, time.perf_counter() - t0
+
+
+def test_blocks_have_the_parameters_the_cost_model_counts() -> None:
+    for name in ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"):
+        for op in contract(load_workload(name)).metaops:
+            if op.is_loss:
+                continue
+            block = build_block(op.kind, op.hidden, op.heads, op.ffn)
+            assert sum(p.numel() for p in block.parameters()) == op.params_per_layer, op.name
+
+
+def test_every_block_kind_times_positive() -> None:
+    ops = contract(load_workload("tiny-ofasys")).metaops + contract(load_workload("tiny-qwen-val")).metaops
+    kinds = {}
+    for op in ops:
+        kinds.setdefault(op.kind, op)
+    assert set(kinds) == {"encoder", "decoder", "llm"}
+    for op in kinds.values():
+        assert 0 < time_metaop(op, 2, warmup=1, repeats=2) < 1.0
+
+
+def test_real_profile_of_tiny_clip(clip_profile: tuple[Path, float]) -> None:
+    path, elapsed = clip_profile
+    assert elapsed < 20
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == PROFILE_SCHEMA_VERSION and raw["torch_version"]
+    assert raw["machine"]["cpu_count"] >= 1
+    prof = load_profile(path)
+    ops = contract(load_workload("tiny-multitask-clip")).metaops
+    assert set(prof.entries) == {signature(o) for o in ops}
+    for op in ops:
+        e = prof.entry(signature(op))
+        assert e is not None
+        assert [p.n for p in e.points] == ([1] if op.is_loss else [1, 2])
+        assert all(p.compute_s > 0 for p in e.points)
+        assert e.points[0].sync_s == 0.0
+        if not op.is_loss:
+            assert e.points[1].sync_s > 0.0
+    c = prof.collective
+    assert c.backend == "gloo" and c.latency_s >= 0 and c.bandwidth > 0 and len(c.samples) >= 3
+
+
+def test_estimator_uses_the_profile(clip_profile: tuple[Path, float]) -> None:
+    path, _ = clip_profile
+    prof = load_profile(path)
+    est = make_estimator("a800", profile=path, devices_per_node=2)
+    for op in contract(load_workload("tiny-multitask-clip")).metaops:
+        e = prof.entry(signature(op))
+        assert e is not None
+        assert est.table(op).origin.startswith("profile:")
+        # what the estimator should see: block compute scaled up to the layer's light parts,
+        # plus the measured collective model on the layer's full gradient volume
+        scale = op.flops_per_layer / e.flops_per_layer
+        assert 1.0 <= scale < 2.0
+        nbytes = layer_grad_params(op) * prof.grad_bytes
+        want = {p.n: p.compute_s * scale + prof.collective.allreduce_time(nbytes, p.n)
+                for p in e.points}
+        for n in want:
+            # the fit reproduces the points (up to the running minimum over n)
+            assert est.time(op, n) == pytest.approx(min(want[m] for m in want if m <= n), rel=0.02)
+            measured = next(p.compute_s for p in e.points if p.n == n) * scale
+            # compute_time is the fitted compute at n, capped by time(n)
+            assert est.compute_time(op, n) == pytest.approx(min(measured, est.time(op, n)), rel=0.05)
+
+
+def test_profile_falls_back_to_hardware_for_unknown_signatures(clip_profile: tuple[Path, float]) -> None:
+    path, _ = clip_profile
+    est = make_estimator("a800", profile=path)
+    op = contract(load_workload("tiny-qwen-val")).metaops[0]
+    assert est.time(op, 1) == pytest.approx(make_estimator("a800").time(op, 1))
+    assert est.table(op).origin == "hardware:a800"
+
+
+def test_guard_refuses_full_size_workloads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    rc = run_profile_command(
+        _args("multitask-clip-10", "--devices", "8", "--out", str(tmp_path / "p.json"),
+              "--max-seconds", "30", "--no-progress")
+    )
+    assert rc == 2
+    assert time.perf_counter() - t0 < 5  # refused before measuring anything
+    err = capsys.readouterr().err.strip()
+    assert "--max-seconds" in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_workload_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_profile_command(_args("no-such-workload", "--out", str(tmp_path / "p.json"))) == 2
+    assert "no-such-workload" in capsys.readouterr().err
+
+
+def test_fit_collective_recovers_latency_and_bandwidth() -> None:
+    lat, bw = 2e-4, 1.5e9
+    samples = [(b, lat + b / bw) for b in (4096, 65536, 1 << 20, 1 << 22)]  # 2 processes: factor 1
+    fit = fit_collective(samples, processes=2)
+    assert fit.latency_s == pytest.approx(lat, rel=1e-3)
+    assert fit.bandwidth == pytest.approx(bw, rel=1e-3)
+    assert fit.allreduce_time(1e6, 1) == 0.0
+    assert fit.allreduce_time(1e6, 4) == pytest.approx(lat + 1.5 * 1e6 / bw)
+
+
+def _valid_profile() -> dict[str, Any]:
+    return {
+        "schema_version": PROFILE_SCHEMA_VERSION, "kind": "spindle-profile", "workload": "w",
+        "devices": 2, "repeats": 3, "threads_per_device": 1, "dtype": "float32", "grad_bytes": 4,
+        "torch_version": "2.x", "machine": {"cpu": "x"},
+        "collective": {"backend": "gloo", "processes": 2, "latency_s": 1e-4, "bandwidth_Bps": 1e9},
+        "entries": [{
+            "signature": {"kind": "encoder", "hidden": 32, "heads": 4, "ffn": 128, "tokens": 9,
+                          "memory_tokens": 0, "batch": 8},
+            "params_per_layer": 12704, "flops_per_layer": 1e6,
+            "points": [{"n": 1, "compute_s": 1e-3, "sync_s": 0.0},
+                       {"n": 2, "compute_s": 6e-4, "sync_s": 2e-4}],
+        }],
+    }
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d.update(schema_version=99), "schema_version"),
+        (lambda d: d["entries"][0]["points"][0].update(compute_s=-1.0), "entries.0.points.0.compute_s"),
+        (lambda d: d["entries"][0]["points"][1].update(n=1), "duplicate n"),
+        (lambda d: d.pop("collective"), "collective"),
+        (lambda d: d["entries"][0]["signature"].update(hidden="big"), "signature.hidden"),
+        (lambda d: d.update(extra=1), "extra"),
+    ],
+)
+def test_load_profile_errors_are_one_line(tmp_path: Path, mutate: Any, needle: str) -> None:
+    data = _valid_profile()
+    mutate(data)
+    p = tmp_path / "prof.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ProfileError) as e:
+        load_profile(p)
+    msg = str(e.value)
+    assert "\n" not in msg and needle in msg and "prof.json" in msg, msg
+
+
+def test_load_profile_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ProfileError, match="malformed JSON"):
+        load_profile(p)
+    p.write_text(json.dumps(_valid_profile()))
+    prof = load_profile(p)
+    assert len(prof.entries) == 1 and issubclass(ProfileError, ValueError)
