@@ -7,32 +7,40 @@ Two placements turn a planner's unplaced waves (:class:`spindle.schedule.WaveSpe
   consecutive device ids in order, except that a slice whose MetaOp ran in the previous wave on a
   group of the same size keeps those devices when they are free.
 
-* :func:`place` (Spindle's placement), wave by wave, each wave's slices in priority order:
+* :func:`place_greedy` (Spindle's rules), wave by wave, each wave's slices in priority order:
 
   1. a slice that continues its MetaOp on a group of the same size keeps the previous devices
      when they are free and have room (no transfer, parameters already there);
-  2. bigger groups next (they need whole nodes), then by the bytes the slice receives;
-  3. every other slice scores each free device and each node, in *seconds saved* per iteration
-     on that device: input rows it already holds (no transfer at all), input bytes that are
-     already inside the node (intra- instead of inter-node link), parameters of the slice it
-     already holds (a shared component layer: smaller parameter-sync groups, and its memory is
-     counted once), and a node bonus where the slice's *flow partners* sit (the other producers
-     of its consumer MetaOps, so that the consumer can stay inside one node); then it takes the
-     best node that has enough free devices (best fit on ties, so whole nodes stay free for big
-     groups), or the fewest, best nodes when no node has room; free memory breaks the remaining
-     ties (balance: the device with most free memory);
-  4. inside the chosen group, devices take the row positions (``transfer_rows`` order) that
-     overlap the rows they already hold, then those held inside their node.
+  2. then groups bigger than a node (they need whole nodes), then the slices with the most to
+     gain from where they go;
+  3. every other slice scores each free device and each node in *device-seconds saved* per
+     iteration: input rows the device already holds (no transfer at all), input bytes already
+     inside the node (intra- instead of inter-node link), parameters of the slice the device
+     already holds (a shared component layer: no new gradient-sync load, smaller device
+     groups, memory counted once) and held inside the node, and a node bonus where the slice's
+     *flow partners* sit (the other producers of its consumers, so that the consumer can stay
+     in one node); minus what the device is worth to the slices of the wave still waiting
+     (regret).  It takes the best node with enough free devices (best fit on ties, so whole
+     nodes stay free for big groups), else the fewest, best nodes; free memory breaks the
+     remaining ties (the device with most free memory);
+  4. inside the group, devices take the row positions (``transfer_rows`` order) that overlap
+     the rows they already hold, then those held inside their node.
 
-  Memory (:class:`spindle.memory.MemoryLedger`): a device is a candidate only if the slice's new
-  parameters, saved activations and transient still fit.  When a slice cannot be placed, the
-  placement backtracks: it redoes the failing wave and then ever more earlier waves (1, 2, 4, ...)
-  in *balance* mode, where free memory comes before locality.  If even the fully balanced
-  placement overflows, :class:`PlacementError` names the device, the MetaOps it runs and the
-  shortfall in GB, in one line.
+  Memory (:class:`spindle.memory.MemoryLedger`): a device is a candidate only if the slice's
+  new parameters, saved activations and transient still fit.  When a slice cannot be placed,
+  the placement backtracks: it redoes the failing wave, then ever more earlier waves (1, 2,
+  4, ...) in *balance* mode, where free memory comes before locality.  If even the fully
+  balanced placement overflows, :class:`PlacementError` names the device, the MetaOps it runs
+  and the shortfall in GB, in one line.
 
-Cost: numpy over devices per slice; 64 devices take milliseconds, 1024 devices well under a
-second per hundred slices.
+* :func:`place` (the default): the greedy placement under three weightings of parameter
+  co-location against data flows (:data:`VARIANTS`; which is best depends on the workload), and
+  the sequential placement when it fits memory, each simulated
+  (:func:`spindle.simulator.communication`); the least send/recv + parameter-sync time wins.
+  So Spindle's placement is never slower than the sequential one on the simulator's numbers.
+
+Cost: numpy over devices per slice; a paper workload on 64 devices places in tens of
+milliseconds, a 50-task workload on 1024 devices in about 1.5 s (all candidates, simulated).
 """
 
 from __future__ import annotations
@@ -45,9 +53,11 @@ import numpy as np
 
 from spindle.cluster import Cluster
 from spindle.graph import MetaGraph, MetaOp
-from spindle.memory import GB, MemoryLedger, MemoryModel, ParameterIndex, executing_devices
-from spindle.plan import Slice, Wave
+from spindle.memory import (GB, MemoryLedger, MemoryModel, ParameterIndex, executing_devices,
+                            format_gb, memory_report)
+from spindle.plan import Plan, Slice, Wave, plan_metaops
 from spindle.schedule import SliceSpec, WaveSpec
+from spindle.simulator import Communication, communication, links_for_cluster
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,7 @@ class PlacementError(ValueError):
 
 
 def place_naive(waves: list[WaveSpec], num_devices: int) -> list[Wave]:
+    """The sequential placement (see the module docstring); it does not look at memory."""
     placed: list[Wave] = []
     last_devices: dict[int, tuple[int, ...]] = {}
     for spec in waves:
@@ -113,19 +124,37 @@ class _Source:
     bytes_per_row: float  # forward bytes per sample
 
 
+@dataclass
+class _Pending:
+    """A slice of the current wave waiting for its devices, with what devices are worth to it."""
+
+    key: tuple[bool, int, float, int]
+    s: SliceSpec
+    m: MetaOp
+    n_exec: int
+    srcs: list[_Source]
+    dev: np.ndarray
+    node: np.ndarray
+    keep: bool
+
+
 class _Placer:
     def __init__(self, graph: MetaGraph, cluster: Cluster, model: MemoryModel,
-                 capacity: float, index: ParameterIndex) -> None:
+                 capacity: float, index: ParameterIndex, param_weight: float = 1.0) -> None:
         self.graph = graph
         self.n_dev = cluster.num_devices
         self.dpn = cluster.devices_per_node
         self.n_nodes = cluster.num_nodes
         self.node_of = np.arange(self.n_dev) // self.dpn
         hw = cluster.hardware
-        # seconds saved per forward byte (the same bytes go back in backward)
+        # seconds saved per forward byte kept on the device / in the node (the same bytes go
+        # back in backward), and per parameter already held on the device / in the node (a
+        # ring all-reduce moves ~2x the gradient bytes through every member)
+        gap = max(1.0 / hw.inter_node_bandwidth - 1.0 / hw.intra_node_bandwidth, 0.0)
         self.local_s = 2.0 / hw.intra_node_bandwidth
-        self.node_s = 2.0 * max(1.0 / hw.inter_node_bandwidth - 1.0 / hw.intra_node_bandwidth, 0.0)
-        self.param_s = 2.0 * hw.grad_bytes / hw.inter_node_bandwidth
+        self.node_s = 2.0 * gap
+        self.param_dev_s = param_weight * 2.0 * hw.grad_bytes / hw.intra_node_bandwidth
+        self.param_node_s = param_weight * 2.0 * hw.grad_bytes * gap
         self.capacity = capacity
         self.model = model
         self.ledger = MemoryLedger(graph, model, self.n_dev, index)
@@ -144,26 +173,38 @@ class _Placer:
         return [_Source(self.last[d], self.graph.metaops[d].out_elements_per_sample * ab)
                 for d in m.deps if self.graph.metaops[d].out_elements_per_sample > 0]
 
-    def input_scores(self, m: MetaOp, n_exec: int, sources: list[_Source]
-                     ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Per device: seconds saved by rows it holds; per node: seconds saved (per executing
-        device) by input bytes inside it; and the slice's total forward input bytes."""
+    def values(self, s: SliceSpec, m: MetaOp, n_exec: int, sources: list[_Source]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """What placing slice ``s`` on a device / in a node saves, in device-seconds per
+        iteration: per device, its input rows it already holds (no transfer) and the slice's
+        parameters it already holds (no new sync load on it); per node, the input bytes and
+        the parameter holders already inside it (intra- instead of inter-node traffic)."""
         dev = np.zeros(self.n_dev)
         node = np.zeros(self.n_nodes)
-        total = 0.0
         b = m.batch
         for src in sources:
             k = len(src.devices)
-            held = b / k * src.bytes_per_row
-            total += b * src.bytes_per_row
             idx = np.asarray(src.devices)
             dev[idx] += min(b / k, b / n_exec) * src.bytes_per_row * self.local_s
-            np.add.at(node, self.node_of[idx], held * self.node_s / n_exec)
-        return dev, node, total
+            np.add.at(node, self.node_of[idx], b / k * src.bytes_per_row * self.node_s)
+        index = self.ledger.index
+        assert index is not None
+        ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+        holds = self.ledger.holds[ids]
+        if holds.any():
+            sizes = index.sizes[ids]
+            dev += (sizes @ holds) * self.param_dev_s
+            pad = self.n_nodes * self.dpn - self.n_dev
+            if pad:
+                holds = np.concatenate([holds, np.zeros((len(ids), pad), dtype=bool)], axis=1)
+            in_node = holds.reshape(len(ids), self.n_nodes, self.dpn).any(axis=2)
+            node += (sizes @ in_node) * self.param_node_s * n_exec
+        return dev, node
 
     def partner_bonus(self, m: MetaOp, s: SliceSpec, placed_now: dict[int, tuple[int, ...]]
                       ) -> np.ndarray:
-        """Node bonus for the other producers of this MetaOp's consumers (flows meet there)."""
+        """Node bonus where the other producers of this MetaOp's consumers are (the flows meet
+        at the consumer, which can then stay inside one node)."""
         bonus = np.zeros(self.n_nodes)
         if s.layer_end != m.num_layers or m.out_elements_per_sample <= 0:
             return bonus
@@ -175,7 +216,7 @@ class _Placer:
                     continue
                 pm = self.graph.metaops[p]
                 theirs = pm.batch * pm.out_elements_per_sample * self.model.activation_bytes
-                w = min(mine, theirs) * self.node_s / len(where) / max(s.n, 1)
+                w = min(mine, theirs) * self.node_s / len(where)
                 np.add.at(bonus, self.node_of[np.asarray(where)], w)
         return bonus
 
@@ -217,8 +258,8 @@ class _Placer:
         b = m.batch
         r = b / n_exec
         members = set(int(d) for d in group)
-        pairs: list[tuple[float, int, int]] = []
-        node_pos: dict[tuple[int, int], float] = {}
+        own: dict[tuple[int, int], float] = {}  # (device, position) -> bytes it holds already
+        node_pos: dict[tuple[int, int], float] = {}  # (node, position) -> bytes held in node
         for src in sources:
             k = len(src.devices)
             for i, d in enumerate(src.devices):
@@ -228,12 +269,12 @@ class _Placer:
                     if ov <= 0:
                         continue
                     if d in members:
-                        pairs.append((ov, d, j))
+                        own[(d, j)] = own.get((d, j), 0.0) + ov
                     key = (int(self.node_of[d]), j)
                     node_pos[key] = node_pos.get(key, 0.0) + ov
         pos: dict[int, int] = {}
         used: set[int] = set()
-        for _, d, j in sorted(pairs, key=lambda p: (-p[0], p[1], p[2])):
+        for (d, j), _ in sorted(own.items(), key=lambda kv: (-kv[1], kv[0])):
             if j not in pos and d not in used:
                 pos[j] = d
                 used.add(d)
@@ -260,30 +301,29 @@ class _Placer:
                 f"wave {wi} uses {spec.devices_used} devices, only {self.n_dev} exist")
         free = np.ones(self.n_dev, dtype=bool)
         chosen: dict[int, tuple[int, ...]] = {}
-        info = []
+        pending: dict[int, _Pending] = {}
         for i, s in enumerate(spec.slices):
             m = self.graph.metaops[s.metaop]
+            n_exec = len(executing_devices(m, tuple(range(s.n))))
             srcs = self.sources(s)
-            volume = sum(m.batch * x.bytes_per_row for x in srcs)
+            dev, node = self.values(s, m, n_exec, srcs)
             prev = self.last.get(m.id) if s.layer_start > 0 else None
             keep = prev is not None and len(prev) == s.n
-            # slices that stay put, then groups bigger than a node, then by bytes received
-            info.append(((not keep, -s.n if s.n > self.dpn else 0, -volume, i), m, srcs, keep))
-        info.sort(key=lambda t: t[0])
+            gain = float(np.sort(dev)[-n_exec:].sum() + node.max())
+            # slices that stay put, then groups bigger than a node, then the most to gain
+            key = (not keep, -s.n if s.n > self.dpn else 0, -gain, i)
+            pending[i] = _Pending(key, s, m, n_exec, srcs, dev, node, keep)
         placed_now: dict[int, tuple[int, ...]] = {}
-        room = self.capacity - self.ledger.total
-        for key, m, srcs, keep in info:
-            i = key[-1]
-            s = spec.slices[i]
-            add = self.ledger.added_bytes((s.metaop, s.layer_start, s.layer_end, s.n))
+        for p in sorted(pending.values(), key=lambda p: p.key):
+            i, s, m, n_exec = p.key[-1], p.s, p.m, p.n_exec
+            del pending[i]
+            room = self.capacity - self.ledger.total
+            add = self.ledger.added_bytes(s.metaop, s.layer_start, s.layer_end, s.n)
             fits = add <= room
-            n_exec = len(executing_devices(m, tuple(range(s.n))))
-            if keep and mode == LOCALITY:
+            if p.keep and mode == LOCALITY:
                 prev = np.asarray(self.last[m.id])
                 if free[prev].all() and fits[prev[:n_exec]].all():
-                    devices = tuple(int(d) for d in prev)
-                    self._commit(chosen, placed_now, free, i, s, devices)
-                    room = self.capacity - self.ledger.total
+                    self._commit(chosen, placed_now, free, i, s, tuple(int(d) for d in prev))
                     continue
             avail = free & fits
             if int(avail.sum()) < n_exec:
@@ -291,22 +331,20 @@ class _Placer:
                 d = int(cand[np.argmin(add[cand] - room[cand])])
                 raise _Overflow(wi, s, d, float(self.ledger.total[d] + add[d]),
                                 float(self.capacity))
-            dev_in, node_in, _ = self.input_scores(m, n_exec, srcs)
-            ids = self.ledger.index.slice_ids(s.metaop, s.layer_start, s.layer_end)  # type: ignore[union-attr]
-            sizes = self.ledger.index.sizes[ids]  # type: ignore[union-attr]
-            held = sizes @ self.ledger.holds[ids] if len(ids) else np.zeros(self.n_dev)
-            score = dev_in + held * self.param_s / max(n_exec, 1) + _FREE_S[mode] * (room - add)
-            bonus = node_in + self.partner_bonus(m, s, placed_now)
+            # what a device is worth to the slices still waiting in this wave (regret)
+            reserve = np.max([q.dev for q in pending.values()], axis=0) if pending else 0.0
+            # free memory after the slice (capacity - used - add), without the constant capacity
+            score = p.dev - reserve - _FREE_S[mode] * (self.ledger.total + add)
+            bonus = p.node + self.partner_bonus(m, s, placed_now)
             group = self.choose(avail, score, bonus, n_exec)
-            ordered = self.order_group(group, m, n_exec, srcs)
+            ordered = self.order_group(group, m, n_exec, p.srcs)
             if n_exec < s.n:  # a loss slice: idle companions, near the executing device
                 others = free.copy()
                 others[ordered] = False
-                extra = self.choose(others, np.zeros(self.n_dev), np.where(
-                    np.arange(self.n_nodes) == self.node_of[ordered[0]], 1.0, 0.0), s.n - n_exec)
+                near = np.where(np.arange(self.n_nodes) == self.node_of[ordered[0]], 1.0, 0.0)
+                extra = self.choose(others, -reserve * np.ones(self.n_dev), near, s.n - n_exec)
                 ordered = ordered + [int(d) for d in extra]
             self._commit(chosen, placed_now, free, i, s, tuple(ordered))
-            room = self.capacity - self.ledger.total
         slices = tuple(
             Slice(s.metaop, s.layer_start, s.layer_end, chosen[i], s.time_s)
             for i, s in enumerate(spec.slices)
@@ -323,17 +361,30 @@ class _Placer:
         self.ledger.add(Slice(s.metaop, s.layer_start, s.layer_end, devices, s.time_s))
 
 
-def place(
+# the heuristic's weightings tried by :func:`place`: (name, weight of parameter co-location)
+VARIANTS: tuple[tuple[str, float], ...] = (("spindle", 1.0), ("spindle-flows", 0.1),
+                                           ("spindle-flows-only", 0.0))
+
+
+@dataclass
+class PlacementCandidate:
+    """One placement :func:`place` considered, with its simulated communication."""
+
+    name: str
+    waves: list[Wave]
+    communication: Communication
+
+
+def place_greedy(
     graph: MetaGraph,
     waves: list[WaveSpec],
     cluster: Cluster,
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
+    param_weight: float = 1.0,
 ) -> list[Wave]:
-    """Spindle's topology- and memory-aware placement of ``waves`` on ``cluster`` (see the module
-    docstring).  ``memory_model`` defaults to the cluster's precision; ``capacity_bytes`` to the
-    cluster's device memory (``math.inf`` turns the memory check off)."""
+    """One run of the greedy placement (module docstring), with backtracking on overflow."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
     index = index or ParameterIndex(graph)
@@ -341,7 +392,7 @@ def place(
     modes = [LOCALITY] * len(waves)
     span = 1
     while True:
-        placer = _Placer(graph, cluster, model, capacity, index)
+        placer = _Placer(graph, cluster, model, capacity, index, param_weight)
         try:
             return [placer.place_wave(i, w, modes[i]) for i, w in enumerate(waves)]
         except _Overflow as ov:
@@ -355,32 +406,100 @@ def place(
             span *= 2
 
 
+def place_candidates(
+    graph: MetaGraph,
+    waves: list[WaveSpec],
+    cluster: Cluster,
+    memory_model: MemoryModel | None = None,
+    capacity_bytes: float | None = None,
+    index: ParameterIndex | None = None,
+) -> list[PlacementCandidate]:
+    """Every placement :func:`place` chooses from: the greedy placement under each weighting of
+    :data:`VARIANTS`, and the sequential placement when it fits memory; each with its simulated
+    send/recv and parameter-sync time on ``cluster``'s links."""
+    model = memory_model or cluster.memory_model()
+    capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
+    index = index or ParameterIndex(graph)
+    links = links_for_cluster(cluster, model.activation_bytes)
+
+    def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
+        plan = Plan(name, graph.workload.name, "", cluster.num_devices, cluster.devices_per_node,
+                    cluster.hardware.name, plan_metaops(graph), tuple(placed))
+        return PlacementCandidate(name, placed, communication(plan, graph, links))
+
+    out: list[PlacementCandidate] = []
+    errors: list[PlacementError] = []
+    for name, weight in VARIANTS:
+        try:
+            placed = place_greedy(graph, waves, cluster, model, capacity, index, weight)
+        except PlacementError as err:
+            errors.append(err)
+            continue
+        out.append(candidate(name, placed))
+    naive = place_naive(waves, cluster.num_devices)
+    if math.isinf(capacity) or memory_report(
+            Plan("", "", "", cluster.num_devices, cluster.devices_per_node, "",
+                 plan_metaops(graph), tuple(naive)), graph, model, capacity, index).fits():
+        out.append(candidate("sequential", naive))
+    if not out:
+        raise errors[0]
+    return out
+
+
+def best_candidate(candidates: list[PlacementCandidate]) -> PlacementCandidate:
+    """Least simulated send/recv + sync time; then fewer inter-node bytes; then list order."""
+    return min(candidates, key=lambda c: (round(c.communication.time_s, 9),
+                                          c.communication.bytes_inter))
+
+
+def place(
+    graph: MetaGraph,
+    waves: list[WaveSpec],
+    cluster: Cluster,
+    memory_model: MemoryModel | None = None,
+    capacity_bytes: float | None = None,
+    index: ParameterIndex | None = None,
+) -> list[Wave]:
+    """Spindle's topology- and memory-aware placement of ``waves`` on ``cluster``: the best of
+    :func:`place_candidates` by simulated communication time (module docstring).
+    ``memory_model`` defaults to the cluster's precision; ``capacity_bytes`` to the cluster's
+    device memory (``math.inf`` turns the memory check off).  Raises :class:`PlacementError`
+    when no candidate fits."""
+    best = best_candidate(place_candidates(graph, waves, cluster, memory_model, capacity_bytes,
+                                           index))
+    log.info("placement: %s (send/recv %.3g s, sync %.3g s, %.3g GB inter-node)", best.name,
+             best.communication.send_recv_s, best.communication.sync_s,
+             best.communication.bytes_inter / GB)
+    return best.waves
+
+
 def _check_alone(graph: MetaGraph, waves: list[WaveSpec], model: MemoryModel,
                  capacity: float, index: ParameterIndex) -> None:
     """A slice that does not fit even on an empty device: no placement can help."""
     index_free = MemoryLedger(graph, model, 1, index)
     for wi, w in enumerate(waves):
         for s in w.slices:
-            need = float(index_free.added_bytes((s.metaop, s.layer_start, s.layer_end, s.n))[0])
+            need = float(index_free.added_bytes(s.metaop, s.layer_start, s.layer_end, s.n)[0])
             if need > capacity:
                 m = graph.metaops[s.metaop]
                 raise PlacementError(
                     f"out of memory: wave {wi}, {m.name} layers [{s.layer_start}, {s.layer_end})"
-                    f" on {s.n} device(s) needs {need / GB:.1f} GB per device even alone; any"
-                    f" device has {capacity / GB:.1f} GB (short by {(need - capacity) / GB:.1f} GB)"
+                    f" on {s.n} device(s) needs {format_gb(need)} per device even on an empty"
+                    f" device; every device has {format_gb(capacity)} (short by"
+                    f" {format_gb(need - capacity)})"
                 )
 
 
 def _error(graph: MetaGraph, placer: _Placer, ov: _Overflow) -> PlacementError:
     m = graph.metaops[ov.spec.metaop]
     names = [graph.metaops[i].name for i in dict.fromkeys(placer.ledger.metaops_on[ov.device])]
-    names.append(f"+ {m.name}[{ov.spec.layer_start}:{ov.spec.layer_end}]")
     return PlacementError(
         f"out of memory: wave {ov.wave}, placing {m.name} layers [{ov.spec.layer_start},"
         f" {ov.spec.layer_end}) on {ov.spec.n} device(s): device {ov.device} would need"
-        f" {ov.need / GB:.1f} GB of {ov.free / GB:.1f} GB (short by"
-        f" {(ov.need - ov.free) / GB:.1f} GB); it runs {', '.join(names)}"
+        f" {format_gb(ov.need)} of {format_gb(ov.free)} (short by {format_gb(ov.need - ov.free)});"
+        f" it already runs {', '.join(names) or 'nothing'}"
     )
 
 
-__all__ = ["place", "place_naive", "PlacementError"]
+__all__ = ["place", "place_greedy", "place_candidates", "best_candidate", "place_naive",
+           "PlacementCandidate", "PlacementError", "VARIANTS"]

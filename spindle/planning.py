@@ -1,27 +1,40 @@
 """The planning pipeline: workload -> MetaGraph -> estimator -> planner -> placement -> Plan.
 
 This is the one function the CLI, the launcher and the benchmarks call; it times the planning
-and keeps the pieces (graph, estimator, links) a caller needs to simulate or inspect the plan.
+and keeps the pieces (graph, estimator, cluster, links) a caller needs to simulate or inspect
+the plan.
+
+Placement is Spindle's topology- and memory-aware :func:`spindle.placement.place` by default;
+``placement="naive"`` keeps :func:`spindle.placement.place_naive` (the sequential placement) for
+comparison.  With ``check_memory`` (default) a plan whose devices do not fit their memory is
+refused with one :class:`spindle.placement.PlacementError` line; without it the plan is kept and
+:attr:`PlanResult.memory` says which devices overflow.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from spindle import bounds
+from spindle.cluster import Cluster, load_cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph, contract
-from spindle.hardware import HardwareModel, load_hardware
-from spindle.placement import place_naive
+from spindle.hardware import HardwareModel
+from spindle.memory import MemoryModel, format_gb, MemoryReport, ParameterIndex, memory_report
+from spindle.placement import PlacementError, place, place_naive
 from spindle.plan import Plan, plan_metaops, validate_plan
 from spindle.planners import PLANNERS, PlanningError, plan_waves
 from spindle.scalability import make_estimator
-from spindle.simulator import Links, SimulationResult, simulate
+from spindle.simulator import Links, SimulationResult, links_for_cluster, simulate
 from spindle.workload import Workload, load_workload
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
+PLACEMENTS = ("spindle", "naive")
+Placement = Literal["spindle", "naive"]
 
 
 @dataclass
@@ -31,57 +44,112 @@ class PlanningContext:
     workload: Workload
     graph: MetaGraph
     estimator: Estimator
-    hardware: HardwareModel
+    cluster: Cluster
     links: Links
-    num_devices: int
-    devices_per_node: int
+    memory_model: MemoryModel
+    placement: Placement = "spindle"
+    check_memory: bool = True
+    parameter_index: ParameterIndex | None = None
+
+    @property
+    def hardware(self) -> HardwareModel:
+        return self.cluster.hardware
+
+    @property
+    def num_devices(self) -> int:
+        return self.cluster.num_devices
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.cluster.devices_per_node
 
 
 @dataclass
 class PlanResult:
     plan: Plan
     simulation: SimulationResult
+    memory: MemoryReport
     relaxed_optimum_s: float
     lower_bound_s: float
     compute_lower_bound_s: float
     planning_time_s: float
 
+    @property
+    def send_recv_bytes(self) -> float:
+        """Inter-wave bytes per iteration (forward + backward, between different devices)."""
+        return self.simulation.send_recv_bytes
 
-def links_for(hw: HardwareModel, devices_per_node: int) -> Links:
-    return Links(
-        devices_per_node=devices_per_node,
-        intra_node_bw=hw.intra_node_bandwidth,
-        inter_node_bw=hw.inter_node_bandwidth,
-        latency_s=hw.collective_latency_s,
-        activation_bytes=hw.activation_bytes,
-        grad_bytes=hw.grad_bytes,
-    )
+    @property
+    def send_recv_time_s(self) -> float:
+        return self.simulation.send_recv_s
+
+    @property
+    def peak_memory_gb(self) -> float:
+        """The largest device's modelled peak (GB = 1e9 bytes)."""
+        return self.memory.peak_gb
+
+    @property
+    def memory_imbalance(self) -> float:
+        """Peak over mean device memory (1.0 = balanced)."""
+        return self.memory.imbalance
+
+    @property
+    def memory_fits(self) -> bool:
+        return self.memory.fits()
 
 
 def make_context(
     workload: Workload | str | Path,
-    num_devices: int,
+    num_devices: int | None = None,
     devices_per_node: int | None = None,
     hardware: str | Path | HardwareModel = "a800",
     profile: str | Path | None = None,
+    *,
+    cluster: str | Path | Cluster | None = None,
+    nodes: int | None = None,
+    device_memory_gib: float | None = None,
+    placement: Placement = "spindle",
+    check_memory: bool = True,
+    shard_optimizer: bool = False,
+    recompute: bool = False,
 ) -> PlanningContext:
-    if num_devices < 1:
+    """The fixed inputs of planning.  The cluster is ``cluster`` (a :class:`Cluster`, a cluster
+    YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
+    ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
+    ``recompute`` (activation checkpointing) change only the memory model (see
+    :mod:`spindle.memory`; the runtime does neither)."""
+    if num_devices is not None and num_devices < 1:
         raise PlanningError(f"--devices {num_devices}: the device count must be at least 1")
+    if devices_per_node is not None and devices_per_node < 1:
+        raise PlanningError(f"--devices-per-node {devices_per_node}: must be at least 1")
+    if placement not in PLACEMENTS:
+        raise PlanningError(f"placement '{placement}': expected one of {', '.join(PLACEMENTS)}")
     w = workload if isinstance(workload, Workload) else load_workload(workload)
-    hw = hardware if isinstance(hardware, HardwareModel) else load_hardware(hardware)
-    dpn = devices_per_node if devices_per_node is not None else min(hw.devices_per_node, num_devices)
-    if dpn < 1:
-        raise PlanningError(f"--devices-per-node {dpn}: must be at least 1")
+    if isinstance(cluster, Cluster):
+        cl = cluster
+    else:
+        cl = load_cluster(cluster if cluster is not None else hardware, num_devices, nodes,
+                          devices_per_node, device_memory_gib=device_memory_gib)
     graph = contract(w)
-    est = make_estimator(hw, Path(profile) if profile else None, dpn)
-    return PlanningContext(w, graph, est, hw, links_for(hw, dpn), num_devices, dpn)
+    est = make_estimator(cl.hardware, Path(profile) if profile else None, cl.devices_per_node)
+    return PlanningContext(
+        w, graph, est, cl, links_for_cluster(cl),
+        replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
+        check_memory, ParameterIndex(graph),
+    )
 
 
 def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, float]:
-    """Run ``planner`` and place its waves; returns the validated plan and the planning time."""
+    """Run ``planner`` and place its waves; returns the validated plan and the planning time
+    (planner + placement)."""
     t0 = time.perf_counter()
     waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
-    placed = place_naive(waves, ctx.num_devices)
+    if ctx.placement == "naive":
+        placed = place_naive(waves, ctx.num_devices)
+    else:
+        capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
+        placed = place(ctx.graph, waves, ctx.cluster, ctx.memory_model, capacity,
+                       ctx.parameter_index)
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,
@@ -93,29 +161,52 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     return plan, elapsed
 
 
+def plan_memory(ctx: PlanningContext, plan: Plan) -> MemoryReport:
+    """The plan's per-device memory against the cluster's device memory."""
+    return memory_report(plan, ctx.graph, ctx.memory_model, ctx.cluster.memory_bytes,
+                         ctx.parameter_index)
+
+
 def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
     plan, elapsed = build_plan(ctx, planner)
+    mem = plan_memory(ctx, plan)
+    if ctx.check_memory and not mem.fits():
+        # only the naive placement gets here: Spindle's placement refuses before this
+        worst = max(mem.devices, key=lambda d: d.total_bytes)
+        names = ", ".join(ctx.graph.metaops[i].name for i in worst.metaops)
+        raise PlacementError(
+            f"out of memory: {planner} plan with {ctx.placement} placement: device {worst.device}"
+            f" needs {format_gb(worst.total_bytes)} of {format_gb(ctx.cluster.memory_bytes)}"
+            f" (short by {format_gb(worst.total_bytes - ctx.cluster.memory_bytes)}); it runs"
+            f" {names}"
+        )
     sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links)
     c_star = bounds.relaxed_optimum(ctx.graph, ctx.estimator, ctx.num_devices)
-    lb = bounds.lower_bound(ctx.graph, ctx.estimator, ctx.num_devices)
-    lb_compute = bounds.lower_bound(ctx.graph, _ComputeOnly(ctx.estimator), ctx.num_devices)
+    lb = bounds.global_lower_bound(ctx.graph, ctx.estimator, ctx.num_devices)
+    lb_compute = bounds.global_lower_bound(ctx.graph, _ComputeOnly(ctx.estimator),
+                                           ctx.num_devices)
     plan.estimates.update(
         schedule_s=sim.schedule_s, makespan_s=sim.makespan_s, relaxed_optimum_s=c_star,
-        lower_bound_s=lb, planning_time_s=elapsed,
+        lower_bound_s=lb, planning_time_s=elapsed, send_recv_bytes=sim.send_recv_bytes,
+        send_recv_time_s=sim.send_recv_s, peak_memory_gb=mem.peak_gb,
+        memory_imbalance=mem.imbalance,
     )
-    return PlanResult(plan, sim, c_star, lb, lb_compute, elapsed)
+    return PlanResult(plan, sim, mem, c_star, lb, lb_compute, elapsed)
 
 
 def make_plan(
     workload: Workload | str | Path,
     planner: str = "spindle",
-    num_devices: int = 1,
+    num_devices: int | None = 1,
     devices_per_node: int | None = None,
     hardware: str | Path | HardwareModel = "a800",
     profile: str | Path | None = None,
+    **context_options: object,
 ) -> Plan:
-    """Plan ``workload`` on ``num_devices`` with ``planner``; the plan carries its estimates."""
-    ctx = make_context(workload, num_devices, devices_per_node, hardware, profile)
+    """Plan ``workload`` on ``num_devices`` with ``planner``; the plan carries its estimates.
+    ``context_options`` go to :func:`make_context` (cluster, nodes, placement, ...)."""
+    ctx = make_context(workload, num_devices, devices_per_node, hardware, profile,
+                       **context_options)  # type: ignore[arg-type]
     return evaluate(ctx, planner).plan
 
 
@@ -135,5 +226,5 @@ class _ComputeOnly:
         return self.inner.valid_counts(op, num_devices)
 
 
-__all__ = ["PLANNERS", "BASELINES", "PlanningContext", "PlanResult", "make_context", "build_plan",
-           "evaluate", "make_plan"]
+__all__ = ["PLANNERS", "BASELINES", "PLACEMENTS", "PlanningContext", "PlanResult",
+           "make_context", "build_plan", "plan_memory", "evaluate", "make_plan"]

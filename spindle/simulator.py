@@ -155,6 +155,56 @@ def predicted_send_bytes(plan: Plan, graph: MetaGraph, element_bytes: int) -> fl
                                      for _, _, e in moves)
 
 
+@dataclass(frozen=True)
+class Communication:
+    """The placement-dependent part of an iteration: inter-wave send/recv and parameter sync."""
+
+    send_recv_s: float
+    sync_s: float
+    bytes_total: float  # forward + backward, between different devices
+    bytes_intra: float
+    bytes_inter: float
+
+    @property
+    def time_s(self) -> float:
+        return self.send_recv_s + self.sync_s
+
+
+def communication(plan: Plan, graph: MetaGraph, links: Links) -> Communication:
+    """Send/recv time and bytes of every wave boundary (forward, then the same volume of
+    gradients back) and the parameter-sync time of the plan's device groups."""
+    send_recv = 0.0
+    total = intra = inter = 0.0
+    for moves in inter_wave_transfers(plan, graph):
+        if not moves:
+            continue
+        out_t: dict[int, float] = defaultdict(float)
+        in_t: dict[int, float] = defaultdict(float)
+        crosses = False
+        for sd, dd, elems in moves:
+            nbytes = elems * links.activation_bytes
+            total += nbytes
+            if links.node(sd) == links.node(dd):
+                intra += nbytes
+                t = nbytes / links.intra_node_bw
+            else:
+                inter += nbytes
+                crosses = True
+                t = nbytes / links.inter_node_bw
+            out_t[sd] += t
+            in_t[dd] += t
+        boundary = links.latency(crosses) + max(max(out_t.values()), max(in_t.values()))
+        send_recv += 2 * boundary  # forward activations, then the same volume of gradients back
+
+    per_device_sync: dict[int, float] = defaultdict(float)
+    for group, nparams in parameter_groups(plan, graph).items():
+        t = links.allreduce_s(nparams * links.grad_bytes, group)
+        for d in group:
+            per_device_sync[d] += t
+    sync = max(per_device_sync.values(), default=0.0)
+    return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter)
+
+
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -> SimulationResult:
     schedule = 0.0
     compute = 0.0
@@ -173,36 +223,9 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
         schedule += sched_w
         compute += comp_w
         wave_compute.append(comp_w)
-
-    send_recv = 0.0
-    total = intra = inter = 0.0
-    for moves in inter_wave_transfers(plan, graph):
-        if not moves:
-            continue
-        out_t: dict[int, float] = defaultdict(float)
-        in_t: dict[int, float] = defaultdict(float)
-        for sd, dd, elems in moves:
-            nbytes = elems * links.activation_bytes
-            total += nbytes
-            if links.node(sd) == links.node(dd):
-                intra += nbytes
-            else:
-                inter += nbytes
-            t = nbytes / links.bandwidth(sd, dd)
-            out_t[sd] += t
-            in_t[dd] += t
-        crosses = any(links.node(sd) != links.node(dd) for sd, dd, _ in moves)
-        boundary = links.latency(crosses) + max(max(out_t.values()), max(in_t.values()))
-        send_recv += 2 * boundary  # forward activations, then the same volume of gradients back
-
-    per_device_sync: dict[int, float] = defaultdict(float)
-    for group, nparams in parameter_groups(plan, graph).items():
-        t = links.allreduce_s(nparams * links.grad_bytes, group)
-        for d in group:
-            per_device_sync[d] += t
-    sync = max(per_device_sync.values(), default=0.0)
+    comm = communication(plan, graph, links)
     return SimulationResult(
-        schedule_s=schedule, compute_s=compute, send_recv_s=send_recv, sync_s=sync,
-        send_recv_bytes=2 * total, send_recv_bytes_intra=2 * intra,
-        send_recv_bytes_inter=2 * inter, wave_compute_s=wave_compute, device_busy_s=busy,
+        schedule_s=schedule, compute_s=compute, send_recv_s=comm.send_recv_s, sync_s=comm.sync_s,
+        send_recv_bytes=comm.bytes_total, send_recv_bytes_intra=comm.bytes_intra,
+        send_recv_bytes_inter=comm.bytes_inter, wave_compute_s=wave_compute, device_busy_s=busy,
     )

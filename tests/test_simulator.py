@@ -64,3 +64,30 @@ def test_parameter_groups_merge_shared_layers(clip):
     r = simulate(p, g, est, Links(2, 100.0, 10.0))
     assert r.sync_s > 0
     assert by["imu-text/text"].component == "text"
+
+
+@pytest.mark.parametrize("name", ["tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"])
+def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
+    """Every row range the runtime sends between ranks is a transfer the simulator charges, and
+    nothing else: so ``predicted_send_bytes`` is what the runtime's counters must read."""
+    from spindle.planning import build_plan, make_context
+    from spindle.runtime.transmission import TransmissionSchedule
+    from spindle.simulator import inter_wave_transfers, predicted_send_bytes
+
+    moved = 0.0
+    for placement, planner in (("spindle", "spindle"), ("naive", "spindle"),
+                               ("naive", "distmm-mt"), ("naive", "uniform")):
+        ctx = make_context(name, 4, hardware="cpu", devices_per_node=2, placement=placement)
+        plan, _ = build_plan(ctx, planner)
+        g = ctx.graph
+        runtime = []
+        for src, dst, rows, (metaop, layer) in TransmissionSchedule.build(plan).remote_rows():
+            m = g.metaops[metaop]
+            last = layer == m.num_layers - 1
+            per = m.out_elements_per_sample if last else m.act_elements_per_sample
+            runtime.append((src, dst, rows * per))
+        sim = [mv for moves in inter_wave_transfers(plan, g) for mv in moves]
+        assert sorted(runtime) == sorted(sim)
+        assert predicted_send_bytes(plan, g, 4) == pytest.approx(8 * sum(e for *_, e in sim))
+        moved += predicted_send_bytes(plan, g, 4)
+    assert moved > 0

@@ -1,0 +1,420 @@
+"""Memory model: the bytes each device of a placed plan needs at its peak.
+
+Per device, two parts:
+
+* **Model states** of every logical parameter the device holds (the parameters of every
+  operator it executes): the weights, their gradients and the AdamW states.  A parameter used
+  by several MetaOps or tasks on the same device (a shared component layer) is counted **once**
+  on that device, as the runtime builds it once.  Bytes per parameter (:class:`MemoryModel`):
+
+  - ``bf16-mixed`` (GPU): bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + fp32
+    exp_avg 4 + fp32 exp_avg_sq 4 = 16 B/param, the accounting of mixed-precision Adam training
+    in Rajbhandari et al., "ZeRO" (SC'20), section 3.1 (2 + 2 + 12 = 16 bytes per parameter);
+  - ``fp32`` (CPU runtime): weights 4 + gradients 4 + exp_avg 4 + exp_avg_sq 4 = 16 B/param.
+
+  With ``shard_optimizer`` (ZeRO stage 1, an option, off by default), each parameter's
+  optimizer states (fp32 master and both moments, or both moments in fp32) are split evenly
+  over the parameter's device group (all devices that hold it), so a device pays
+  ``optimizer_bytes / |group|`` for it.  The runtime does not do this today: the default is
+  what the runtime allocates.  (Sharding costs no extra traffic: the all-reduce becomes a
+  reduce-scatter of gradients + an all-gather of updated weights, the same volume; ZeRO paper
+  section 7.2.1.)
+
+* **Activations**.  Waves run forward in order, then backward in reverse, so what a forward
+  slice saves for backward stays alive until the backward pass reaches it: the peak is at the
+  end of the forward pass (start of backward) =
+  sum over the device's slices of (local rows x layers x saved elements per sample per layer
+  x activation bytes) + the saved input of each stage's first layer + the LM head's saved
+  log-probabilities, plus the largest *transient* of its slices (the gradient buffers of one
+  layer during its backward: about one layer's saved activations; for an LM stage also the
+  logits and their gradient).  Activation elements per layer come from
+  :func:`spindle.costmodel.layer_activation_elements` (via
+  :attr:`spindle.graph.MetaOp.saved_elements_per_sample_per_layer`), less the attention scores
+  when ``flash_attention`` (default: fused attention keeps O(s) statistics; the runtime's
+  ``scaled_dot_product_attention`` does so on CPU too).  Loss logits are fp32 (autocast runs
+  cross entropy in fp32) in both precisions.
+
+  Checked against torch's CPU allocator (``tests/test_memory.py``, torch 2.13, the tiny
+  workloads on one process, batch x1 and x16): model states exact; activation peak -4% to +17%
+  (the cost model counts 10 s*h per encoder block where the runtime keeps about 8, and 3 s*ffn
+  per SwiGLU block where it keeps 4); device totals -3% to +16%.
+
+With ``recompute`` (activation checkpointing per layer, an option, off by default; neither the
+runtime nor the estimator's compute time does it) a layer keeps only its input and the backward
+recomputes one layer at a time (transient: its activations and their gradients).
+
+Not modelled: allocator fragmentation and caching, communication buffers, the framework's own
+footprint (CUDA context ~0.5-1 GB per GPU), the optimizer step's temporaries.  A contrastive-loss
+slice runs on the first device of its group with the whole batch, as the runtime runs it
+(:func:`executing_devices`); its other devices hold nothing for it.
+
+:class:`MemoryLedger` is the incremental form the placement uses (what a device holds after
+each slice, and what one more slice would add); :func:`memory_report` replays a whole plan
+through it, so the placement's capacity checks and the report agree exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from spindle.graph import MetaGraph, MetaOp
+from spindle.plan import Plan, Slice
+
+GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
+LOGIT_BYTES = 4  # cross entropy in fp32 (autocast's fp32 list), also on CPU
+
+
+def format_gb(nbytes: float) -> str:
+    """``12.3 GB`` (three significant digits, so that tiny CPU workloads do not read 0.0)."""
+    return f"{nbytes / GB:.3g} GB"
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes per parameter (weights, gradients, optimizer states) and per activation element."""
+
+    name: str
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    shard_optimizer: bool = False  # ZeRO-1: optimizer states split over the device group
+    flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
+    recompute: bool = False  # activation checkpointing per layer (an option; not in the runtime)
+
+    @property
+    def state_bytes_per_param(self) -> int:
+        """Unsharded bytes per parameter: 16 in both shipped precisions."""
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def param_bytes(self, params: float, group_size: int = 1) -> float:
+        opt = float(self.optimizer_bytes)
+        if self.shard_optimizer:
+            opt /= max(group_size, 1)
+        return params * (self.weight_bytes + self.grad_bytes + opt)
+
+
+MIXED_BF16 = MemoryModel("bf16-mixed", weight_bytes=2, grad_bytes=2, optimizer_bytes=12,
+                         activation_bytes=2)
+FP32 = MemoryModel("fp32", weight_bytes=4, grad_bytes=4, optimizer_bytes=8, activation_bytes=4)
+
+
+def memory_model_for(precision: Literal["bf16-mixed", "fp32"] | str,
+                     shard_optimizer: bool = False, recompute: bool = False) -> MemoryModel:
+    base = {"bf16-mixed": MIXED_BF16, "fp32": FP32}.get(precision)
+    if base is None:
+        raise ValueError(f"precision '{precision}': expected bf16-mixed or fp32")
+    return replace(base, shard_optimizer=shard_optimizer, recompute=recompute)
+
+
+def saved_elements_per_layer(metaop: MetaOp, model: MemoryModel) -> float:
+    """Elements one layer of ``metaop`` keeps for backward, per sample.  The cost model's count
+    (:func:`spindle.costmodel.layer_activation_elements`) keeps the attention scores and
+    probabilities (2 x heads x s x s, and the cross-attention's 2 x heads x s x m); a fused
+    attention kernel (FlashAttention on GPUs, PyTorch's CPU ``scaled_dot_product_attention``,
+    which the runtime calls) keeps only O(s) statistics, so with ``flash_attention`` they are
+    left out."""
+    elems = metaop.saved_elements_per_sample_per_layer
+    if model.flash_attention and not metaop.is_loss:
+        elems -= 2.0 * metaop.heads * metaop.tokens * (metaop.tokens + metaop.memory_tokens)
+    return elems
+
+
+# --- which parameters an operator uses --------------------------------------------------------
+
+
+def operator_parameters(graph: MetaGraph, metaop: MetaOp, layer: int) -> dict[str, int]:
+    """Logical parameters (name -> element count) that layer ``layer`` of ``metaop`` uses.
+
+    Names follow the runtime (``spindle.runtime.model.parameter_names``), with a block's tensors
+    grouped under ``{comp}.blocks.{i}``: the block; at layer 0 the input adapter (when the stage
+    reads raw tokens) and one ``{comp}.in_proj.{src}`` per input/memory stage (shared by every
+    task feeding ``src`` into ``comp``); at the last layer the final norm, the contrastive
+    projection or the LM head; ``loss.{task}.logit_scale`` for a contrastive loss."""
+    ref = metaop.layers[layer]
+    w = graph.workload
+    if metaop.is_loss:
+        return {f"loss.{ref.task}.logit_scale": 1}
+    task = w.task(ref.task)
+    stage = next(s for s in task.stages if s.name == ref.stage)
+    c = ref.component
+    comp = w.components[c]
+    h = comp.hidden
+    out = {f"{c}.blocks.{ref.layer}": metaop.params_per_layer}
+    if ref.layer == 0:
+        if stage.tokens > 0 and comp.input is not None:
+            if comp.input.type == "tokens":
+                out[f"{c}.input"] = int(comp.input.vocab or 0) * h
+            else:
+                out[f"{c}.input"] = int(comp.input.dim or 0) * h + h
+        comp_of = {s.name: s.component for s in task.stages}
+        for src in (*stage.inputs, *([stage.memory] if stage.memory else [])):
+            src_comp = comp_of[src]
+            out[f"{c}.in_proj.{src_comp}"] = w.components[src_comp].hidden * h + h
+    if ref.layer == comp.layers - 1:
+        out[f"{c}.norm"] = h if comp.kind == "llm" else 2 * h  # RMSNorm: gain only
+        if task.loss.type == "contrastive" and ref.stage in task.loss.inputs:
+            out[f"{c}.proj"] = h * int(comp.output_dim or 0)
+        if task.loss.type == "lm" and ref.stage == task.loss.stage:
+            out[f"{c}.head"] = h * int(comp.vocab or 0)
+    return out
+
+
+def executing_devices(metaop: MetaOp, devices: tuple[int, ...]) -> tuple[int, ...]:
+    """The devices that run a slice: all of them, or the first for a contrastive loss (its
+    similarity matrix couples the whole batch, so the runtime runs it on one device)."""
+    return devices[:1] if metaop.is_loss else devices
+
+
+def local_rows(metaop: MetaOp, n: int) -> int:
+    """Rows of the batch each executing device of an ``n``-device slice holds."""
+    return metaop.batch if metaop.is_loss else metaop.batch // n
+
+
+class ParameterIndex:
+    """Integer ids and sizes of every logical parameter of a graph, per (MetaOp, layer)."""
+
+    def __init__(self, graph: MetaGraph) -> None:
+        self.graph = graph
+        ids: dict[str, int] = {}
+        sizes: list[int] = []
+        self.layer_ids: list[list[np.ndarray]] = []
+        for m in graph.metaops:
+            per_layer = []
+            for layer in range(m.num_layers):
+                row = []
+                for name, count in operator_parameters(graph, m, layer).items():
+                    if name not in ids:
+                        ids[name] = len(sizes)
+                        sizes.append(count)
+                    row.append(ids[name])
+                per_layer.append(np.asarray(row, dtype=np.int64))
+            self.layer_ids.append(per_layer)
+        self.names = list(ids)
+        self.sizes = np.asarray(sizes, dtype=np.float64)
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def slice_ids(self, metaop: int, layer_start: int, layer_end: int) -> np.ndarray:
+        key = (metaop, layer_start, layer_end)
+        got = self._cache.get(key)
+        if got is None:
+            got = np.unique(np.concatenate(self.layer_ids[metaop][layer_start:layer_end]))
+            self._cache[key] = got
+        return got
+
+
+@dataclass(frozen=True)
+class SliceActivation:
+    """Activation bytes one executing device of a slice keeps (``saved``, alive until its
+    backward) and needs briefly during its backward (``transient``)."""
+
+    saved: float
+    transient: float
+
+
+def slice_activation(
+    graph: MetaGraph, metaop: MetaOp, layer_start: int, layer_end: int, n: int, model: MemoryModel
+) -> SliceActivation:
+    rows = local_rows(metaop, n)
+    ab = model.activation_bytes
+    per_layer = saved_elements_per_layer(metaop, model) * rows * ab
+    if model.recompute and not metaop.is_loss:
+        # only each layer's input stays; backward recomputes one layer's activations at a time
+        saved = metaop.act_elements_per_sample * rows * ab * (layer_end - layer_start)
+        transient = 2 * per_layer
+    else:
+        saved = per_layer * (layer_end - layer_start)
+        transient = per_layer
+    if metaop.is_loss:
+        return SliceActivation(saved, transient)
+    w = graph.workload
+    task = w.task(metaop.task)
+    ref = metaop.layers[0]
+    stage = next(s for s in task.stages if s.name == ref.stage)
+    comp = w.components[ref.component]
+    if layer_start == 0:
+        # the first layer also saves its inputs: other stages' outputs (for in_proj) and raw
+        # features (for the input projection)
+        inputs = sum(graph.metaops[d].out_elements_per_sample for d in metaop.deps)
+        if stage.tokens and comp.input is not None and comp.input.type == "features":
+            inputs += stage.tokens * int(comp.input.dim or 0)
+        saved += inputs * rows * ab
+    if layer_end == metaop.num_layers and task.loss.type == "lm" and task.loss.stage == stage.name:
+        logits = rows * (stage.tokens - 1) * int(comp.vocab or 0) * LOGIT_BYTES
+        saved += logits  # log-probabilities saved by cross entropy
+        transient += logits  # the logits (or their gradient) next to them
+    return SliceActivation(saved, transient)
+
+
+# --- per-device accounting --------------------------------------------------------------------
+
+
+@dataclass
+class DeviceMemory:
+    """One device's peak: model states + saved activations + the largest transient (bytes)."""
+
+    device: int
+    param_bytes: float
+    activation_bytes: float
+    transient_bytes: float
+    num_params: float
+    metaops: tuple[int, ...]
+
+    @property
+    def total_bytes(self) -> float:
+        return self.param_bytes + self.activation_bytes + self.transient_bytes
+
+
+@dataclass
+class MemoryReport:
+    model: MemoryModel
+    devices: list[DeviceMemory]
+    capacity_bytes: float | None = None
+
+    @property
+    def peak_bytes(self) -> float:
+        return max((d.total_bytes for d in self.devices), default=0.0)
+
+    @property
+    def mean_bytes(self) -> float:
+        return sum(d.total_bytes for d in self.devices) / max(len(self.devices), 1)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+    @property
+    def imbalance(self) -> float:
+        """Peak over mean across devices (1.0 = perfectly balanced)."""
+        mean = self.mean_bytes
+        return self.peak_bytes / mean if mean > 0 else 1.0
+
+    def over_capacity(self) -> list[DeviceMemory]:
+        if self.capacity_bytes is None:
+            return []
+        return [d for d in self.devices if d.total_bytes > self.capacity_bytes]
+
+    def fits(self) -> bool:
+        return not self.over_capacity()
+
+    def as_dict(self) -> dict[str, float]:
+        return {"peak_memory_gb": self.peak_gb, "memory_imbalance": self.imbalance}
+
+
+@dataclass
+class MemoryLedger:
+    """What each device holds as slices are added, and what another slice would add."""
+
+    graph: MetaGraph
+    model: MemoryModel
+    num_devices: int
+    index: ParameterIndex | None = None
+    holds: np.ndarray = field(init=False)  # [params, devices] bool
+    param_bytes: np.ndarray = field(init=False)
+    saved: np.ndarray = field(init=False)
+    transient: np.ndarray = field(init=False)
+    metaops_on: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = ParameterIndex(self.graph)
+        self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
+        self.param_bytes = np.zeros(self.num_devices)
+        self.saved = np.zeros(self.num_devices)
+        self.transient = np.zeros(self.num_devices)
+        self.metaops_on = [[] for _ in range(self.num_devices)]
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.param_bytes + self.saved + self.transient
+
+    def _per_param_bytes(self, n: int) -> float:
+        # with ZeRO-1 a device pays optimizer/|group| and the group holds at least the slice's
+        # executing devices, so charging optimizer/n when it first takes the parameter is an
+        # upper bound of its final share (memory_report recomputes the exact share)
+        return self.model.param_bytes(1.0, n)
+
+    def added_bytes(self, metaop: int, l0: int, l1: int, n: int) -> np.ndarray:
+        """Bytes each device would add if it executed layers ``[l0, l1)`` of ``metaop`` as one
+        of ``n`` devices: new parameters + saved activations + growth of its largest
+        transient."""
+        m = self.graph.metaops[metaop]
+        assert self.index is not None
+        ids = self.index.slice_ids(metaop, l0, l1)
+        sizes = self.index.sizes[ids]
+        held = sizes @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
+        n_exec = len(executing_devices(m, tuple(range(n))))
+        new_params = (sizes.sum() - held) * self._per_param_bytes(n_exec)
+        act = slice_activation(self.graph, m, l0, l1, n, self.model)
+        return new_params + act.saved + np.maximum(act.transient - self.transient, 0.0)
+
+    def add(self, s: Slice) -> None:
+        m = self.graph.metaops[s.metaop]
+        devs = list(executing_devices(m, s.devices))
+        assert self.index is not None
+        ids = self.index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+        sizes = self.index.sizes[ids]
+        per = self._per_param_bytes(len(devs))
+        act = slice_activation(self.graph, m, s.layer_start, s.layer_end, s.n, self.model)
+        for d in devs:
+            new = ~self.holds[ids, d]
+            self.param_bytes[d] += sizes[new].sum() * per
+            self.holds[ids, d] = True
+            self.saved[d] += act.saved
+            self.transient[d] = max(self.transient[d], act.transient)
+            self.metaops_on[d].append(s.metaop)
+
+    def report(self, capacity_bytes: float | None = None) -> MemoryReport:
+        """The per-device peak; with ZeRO-1, each parameter's optimizer share is computed over
+        its final device group."""
+        assert self.index is not None
+        counts = self.index.sizes @ self.holds  # parameters per device
+        if self.model.shard_optimizer:
+            group = self.holds.sum(axis=1)  # devices per parameter
+            share = self.index.sizes / np.maximum(group, 1)
+            opt = share @ self.holds * self.model.optimizer_bytes
+            param_bytes = counts * (self.model.weight_bytes + self.model.grad_bytes) + opt
+        else:
+            param_bytes = counts * self.model.state_bytes_per_param
+        devices = [
+            DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(self.transient[d]),
+                         float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])))
+            for d in range(self.num_devices)
+        ]
+        return MemoryReport(self.model, devices, capacity_bytes)
+
+
+def memory_report(
+    plan: Plan, graph: MetaGraph, model: MemoryModel, capacity_bytes: float | None = None,
+    index: ParameterIndex | None = None,
+) -> MemoryReport:
+    """The peak memory of every device of ``plan`` under ``model``."""
+    ledger = MemoryLedger(graph, model, plan.num_devices, index)
+    for wave in plan.waves:
+        for s in wave.slices:
+            ledger.add(s)
+    return ledger.report(capacity_bytes)
+
+
+def parameter_holders(plan: Plan, graph: MetaGraph, index: ParameterIndex | None = None
+                      ) -> dict[tuple[int, ...], float]:
+    """Device group -> parameters held by exactly those devices (the runtime's pools D -> {W},
+    SPINDLE.md section 8.3).  A contrastive-loss slice counts only its executing device."""
+    index = index or ParameterIndex(graph)
+    holds = np.zeros((len(index), plan.num_devices), dtype=bool)
+    for wave in plan.waves:
+        for s in wave.slices:
+            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+            for d in executing_devices(graph.metaops[s.metaop], s.devices):
+                holds[ids, d] = True
+    pools: dict[tuple[int, ...], float] = {}
+    for pid in np.flatnonzero(holds.any(axis=1)):
+        devs = tuple(int(d) for d in np.flatnonzero(holds[pid]))
+        pools[devs] = pools.get(devs, 0.0) + float(index.sizes[pid])
+    return pools

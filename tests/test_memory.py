@@ -1,0 +1,196 @@
+"""Memory model: parameters counted once per device, activation peak, ZeRO-1 option, and the
+model against torch's measured peak on the tiny workloads (CPU)."""
+
+import pytest
+
+from spindle.graph import contract
+from spindle.memory import (FP32, MIXED_BF16, MemoryLedger, memory_model_for, memory_report,
+                            operator_parameters, saved_elements_per_layer)
+from spindle.plan import Plan, Slice, Wave, plan_metaops
+from spindle.workload import load_workload, shipped_workloads, workload_from_dict
+
+
+def _plan(w, g, waves, n):
+    return Plan("hand", w.name, w.fingerprint(), n, n, "cpu", plan_metaops(g), tuple(waves))
+
+
+def _one_device_plan(w, g):
+    return _plan(w, g, [Wave((Slice(m.id, 0, m.num_layers, (0,)),)) for m in g.metaops], 1)
+
+
+def _group(name: str) -> str:
+    """The memory model's key of a runtime parameter name (block tensors grouped)."""
+    parts = name.split(".")
+    if parts[0] == "loss":
+        return name
+    if parts[1] in ("blocks", "in_proj"):
+        return ".".join(parts[:3])
+    return ".".join(parts[:2])
+
+
+@pytest.mark.parametrize("name", shipped_workloads())
+def test_operator_parameters_match_the_runtime(name):
+    import math
+
+    from spindle.runtime.model import parameter_names, parameter_shape
+
+    w = load_workload(name)
+    g = contract(w)
+    for m in g.metaops:
+        for layer in range(m.num_layers):
+            expected: dict[str, int] = {}
+            for n in parameter_names(w, m.layers[layer]):
+                key = _group(n)
+                expected[key] = expected.get(key, 0) + math.prod(parameter_shape(w, n))
+            assert operator_parameters(g, m, layer) == expected, (m.name, layer)
+
+
+def test_bytes_per_parameter():
+    assert MIXED_BF16.state_bytes_per_param == 16  # 2 + 2 + 4 + 4 + 4
+    assert FP32.state_bytes_per_param == 16  # 4 + 4 + 4 + 4
+    assert memory_model_for("fp32") == FP32
+    with pytest.raises(ValueError, match="precision"):
+        memory_model_for("fp8")
+
+
+def test_shared_parameters_are_counted_once_per_device():
+    w = load_workload("tiny-multitask-clip")
+    g = contract(w)
+    by = {m.name: m for m in g.metaops}
+    # everything on one device: every logical parameter of the runtime exactly once
+    from spindle.runtime.model import all_parameter_names, parameter_count
+
+    rep = memory_report(_one_device_plan(w, g), g, FP32)
+    assert rep.devices[0].num_params == parameter_count(w, all_parameter_names(w))
+    # three text MetaOps (3 tasks) on device 0: the text layers count once there
+    texts = [by[f"{t}/text"] for t in ("vision-text", "audio-text", "imu-text")]
+    waves = [Wave((Slice(m.id, 0, m.num_layers, (0,)),)) for m in texts]
+    rep = memory_report(_plan(w, g, waves, 2), g, FP32)
+    one = memory_report(_plan(w, g, waves[:1], 2), g, FP32)
+    blocks = sum(m.params_per_layer for m in texts[:1]) * texts[0].num_layers
+    # the second and third text MetaOps add only their own last-layer pieces (projection and
+    # norm are shared too), so nothing at all
+    assert rep.devices[0].num_params == one.devices[0].num_params >= blocks
+    assert rep.devices[1].num_params == 0
+    # the same MetaOps on two devices: each device holds its copy once
+    waves2 = [Wave((Slice(texts[0].id, 0, 2, (0,)), Slice(texts[1].id, 0, 2, (1,)))),
+              Wave((Slice(texts[2].id, 0, 2, (1,)),))]
+    rep2 = memory_report(_plan(w, g, waves2, 2), g, FP32)
+    assert rep2.devices[0].num_params == rep2.devices[1].num_params == one.devices[0].num_params
+    assert rep2.devices[0].param_bytes == 16 * one.devices[0].num_params
+
+
+def test_activation_peak_of_a_hand_made_plan():
+    w = load_workload("tiny-multitask-clip")
+    g = contract(w)
+    vis = g.metaops[0]  # vision-text/vision: 3 layers, batch 8, raw features
+    # layers [0,2) on 2 devices, then layer 2 on 1 device (device 0 runs both)
+    waves = [Wave((Slice(vis.id, 0, 2, (0, 1)),)), Wave((Slice(vis.id, 2, 3, (0,)),))]
+    rep = memory_report(_plan(w, g, waves, 2), g, MIXED_BF16)
+    per = saved_elements_per_layer(vis, MIXED_BF16) * 2  # bytes per sample per layer
+    raw = 9 * 12 * 2  # 9 tokens x 12 features saved by the input projection, per sample
+    d0_saved = 4 * (2 * per + raw) + 8 * per  # 4 rows x 2 layers (+ input), then 8 rows x 1
+    assert rep.devices[0].activation_bytes == pytest.approx(d0_saved)
+    assert rep.devices[0].transient_bytes == pytest.approx(8 * per)  # the larger of the two
+    assert rep.devices[1].activation_bytes == pytest.approx(4 * (2 * per + raw))
+    assert rep.devices[1].transient_bytes == pytest.approx(4 * per)
+    params = {0: 0, 1: 0}
+    for d, layers in ((0, range(3)), (1, range(2))):
+        params[d] = sum(sum(operator_parameters(g, vis, l).values()) for l in layers)
+    for d in (0, 1):
+        dm = rep.devices[d]
+        assert dm.param_bytes == 16 * params[d]
+        assert dm.total_bytes == dm.param_bytes + dm.activation_bytes + dm.transient_bytes
+    assert rep.peak_bytes == rep.devices[0].total_bytes
+    assert rep.imbalance == pytest.approx(rep.peak_bytes / rep.mean_bytes)
+    assert rep.fits() and memory_report(_plan(w, g, waves, 2), g, MIXED_BF16, 1.0).over_capacity()
+
+
+def test_a_contrastive_loss_runs_on_its_first_device_only():
+    w = load_workload("tiny-multitask-clip")
+    g = contract(w)
+    loss = g.metaops[2]
+    rep = memory_report(_plan(w, g, [Wave((Slice(loss.id, 0, 1, (1, 0)),))], 2), g, FP32)
+    assert rep.devices[1].num_params == 1 and rep.devices[1].activation_bytes > 0
+    assert rep.devices[0].total_bytes == 0
+
+
+def test_zero1_shards_optimizer_states_over_the_group():
+    w = load_workload("tiny-multitask-clip")
+    g = contract(w)
+    vis = g.metaops[0]
+    waves = [Wave((Slice(vis.id, 0, 3, (0, 1, 2, 3)),))]
+    p = _plan(w, g, waves, 4)
+    plain = memory_report(p, g, MIXED_BF16).devices[0]
+    zero = memory_report(p, g, memory_model_for("bf16-mixed", shard_optimizer=True)).devices[0]
+    assert plain.param_bytes == 16 * plain.num_params
+    assert zero.param_bytes == pytest.approx((2 + 2 + 12 / 4) * plain.num_params)
+    # the ledger's running charge is an upper bound of the final share
+    ledger = MemoryLedger(g, memory_model_for("bf16-mixed", shard_optimizer=True), 4)
+    ledger.add(waves[0].slices[0])
+    assert ledger.param_bytes[0] >= zero.param_bytes - 1e-6
+
+
+# --- the model against torch's allocator on CPU -------------------------------------------------
+
+
+def _measured_peak(w) -> tuple[float, float]:
+    """(bytes of parameters + gradients + AdamW states, peak bytes allocated above them during
+    the next forward + backward + step), from torch.profiler's memory events."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from spindle.runtime.reference import ReferenceModel
+
+    model = ReferenceModel(w, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=False)  # gradients live for the whole run, as modelled
+        total = torch.stack(list(model(i).values())).sum()
+        total.backward()
+        opt.step()
+
+    step(0)  # creates gradients and optimizer states
+    states = sum(t.nbytes for st in opt.state.values() for k, t in st.items()
+                 if torch.is_tensor(t) and k != "step")
+    persistent = sum(2 * p.nbytes for p in model.parameters()) + states
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(1)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return float(persistent), float(peak)
+
+
+def _scaled(name: str, k: int):
+    d = load_workload(name).to_dict()
+    for t in d["tasks"]:
+        t["batch_size"] *= k
+    return workload_from_dict(d, name)
+
+
+@pytest.mark.parametrize("name", ["tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"])
+@pytest.mark.parametrize("scale", [1, 16])
+def test_model_against_torch_measured_peak(name, scale, record_property):
+    w = _scaled(name, scale)
+    g = contract(w)
+    dev = memory_report(_one_device_plan(w, g), g, FP32).devices[0]
+    persistent, peak = _measured_peak(w)
+    # model states: exact (same parameter set, 4 + 4 + 8 bytes per parameter)
+    assert dev.param_bytes == pytest.approx(persistent, rel=1e-6)
+    modelled_act = dev.activation_bytes + dev.transient_bytes
+    act_err = (modelled_act - peak) / peak
+    total_err = (dev.total_bytes - persistent - peak) / (persistent + peak)
+    record_property("activation_error", act_err)
+    record_property("total_error", total_err)
+    print(f"{name} x{scale}: measured {(persistent + peak) / 1e6:.3f} MB, modelled"
+          f" {dev.total_bytes / 1e6:.3f} MB ({total_err:+.1%}); activations {act_err:+.1%}")
+    # measured on torch 2.13 CPU: activations +14% .. +18% (clip, ofasys: the cost model
+    # counts 10 s*h per block, the runtime's encoder keeps ~8) and -4% (qwen: SwiGLU keeps
+    # 4 s*ffn, the cost model counts 3); totals -3% .. +16%
+    assert -0.15 < act_err < 0.30
+    assert -0.10 < total_err < 0.25
