@@ -36,18 +36,57 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
                    help="devices per node (default: the hardware preset's, capped at N)")
     p.add_argument("--hardware", default="a800", help="hardware preset name or YAML file")
     p.add_argument("--profile", default=None, help="measured profile (from `spindle profile`)")
+    p.add_argument("--cluster", default=None,
+                   help="cluster preset (a800, h100, cpu) or cluster YAML (default: --hardware)")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (with --cluster)")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="override the device memory (GiB)")
+    p.add_argument("--placement", default="spindle", choices=["spindle", "naive"],
+                   help="device placement: topology/memory aware, or naive sequential")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="plan even when a device's modelled memory exceeds its capacity")
+    p.add_argument("--zero", action="store_true",
+                   help="memory model: shard optimizer states over each parameter group"
+                        " (ZeRO-1; planning only, the runtime does not implement it yet)")
+    p.add_argument("--recompute", action="store_true",
+                   help="memory model: activation recomputation (planning only, see --zero)")
+
+
+def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from spindle.planning import make_context
+
+    return make_context(
+        args.workload, args.devices, args.devices_per_node, args.hardware, args.profile,
+        cluster=args.cluster, nodes=args.nodes, device_memory_gib=args.device_memory_gib,
+        placement=args.placement, check_memory=not args.no_memory_check,
+        shard_optimizer=args.zero, recompute=args.recompute,
+    )
+
+
+def _baselines(ctx, skip: str) -> dict:  # type: ignore[no-untyped-def]
+    """Every baseline planner's result; one that cannot be placed in memory is reported as such
+    instead of aborting the comparison."""
+    from spindle.placement import PlacementError
+    from spindle.planning import BASELINES, evaluate
+
+    out: dict = {}
+    for b in BASELINES:
+        if b == skip:
+            continue
+        try:
+            out[b] = evaluate(ctx, b)
+        except PlacementError as err:
+            out[b] = str(err)
+    return out
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from spindle.planning import BASELINES, evaluate, make_context
+    from spindle.planning import evaluate
     from spindle.report import gantt, summary_text
 
-    ctx = make_context(args.workload, args.devices, args.devices_per_node, args.hardware,
-                       args.profile)
+    ctx = _context(args)
     res = evaluate(ctx, args.planner)
-    baselines = {}
-    if not args.no_baselines:
-        baselines = {b: evaluate(ctx, b) for b in BASELINES if b != args.planner}
+    baselines = {} if args.no_baselines else _baselines(ctx, args.planner)
     if args.out:
         res.plan.save(args.out)
     if args.gantt:
@@ -63,18 +102,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             "schedule_s": sim.schedule_s,
             "makespan_s": sim.makespan_s,
             "compute_s": sim.compute_s,
-            "send_recv_time_s": sim.send_recv_s,
-            "send_recv_bytes": sim.send_recv_bytes,
             "param_sync_s": sim.sync_s,
             "relaxed_optimum_s": res.relaxed_optimum_s,
             "lower_bound_s": res.lower_bound_s,
             "makespan_lower_bound_s": res.compute_lower_bound_s,
             "waves": len(res.plan.waves),
             "planning_time_s": res.planning_time_s,
+            "send_recv_bytes": res.send_recv_bytes,
+            "send_recv_time_s": res.send_recv_time_s,
+            "peak_memory_gb": res.peak_memory_gb,
+            "memory_imbalance": res.memory_imbalance,
+            "memory_fits": res.memory_fits,
             "baselines": {
-                name: {"schedule_s": b.simulation.schedule_s,
-                       "makespan_s": b.simulation.makespan_s,
-                       "waves": len(b.plan.waves)}
+                name: ({"error": b} if isinstance(b, str) else
+                       {"schedule_s": b.simulation.schedule_s,
+                        "makespan_s": b.simulation.makespan_s,
+                        "send_recv_bytes": b.send_recv_bytes,
+                        "peak_memory_gb": b.peak_memory_gb,
+                        "waves": len(b.plan.waves)})
                 for name, b in baselines.items()
             },
         }

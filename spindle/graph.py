@@ -78,6 +78,7 @@ class MetaOp:
     out_elements_per_sample: float  # elements handed to each consumer after the last layer
     extra_flops: float = 0.0  # fwd+bwd FLOPs of the fused light parts (adapters, projection, LM head)
     extra_params: int = 0  # parameters of those parts
+    shared_by: int = 1  # MetaOps (this one included) that run the same component's parameters
 
     @property
     def num_layers(self) -> int:
@@ -235,6 +236,10 @@ def contract(w: Workload) -> MetaGraph:
     for c in range(len(chains)):  # chains are created in topological order
         level[c] = 1 + max((level[d] for d in deps[c]), default=-1)
 
+    users: dict[str, int] = defaultdict(int)
+    for chain in chains:
+        users[chain[0].optype.component] += 1
+
     consumers_of: dict[int, list[int]] = defaultdict(list)
     for c, ds in enumerate(deps):
         for d in ds:
@@ -254,6 +259,7 @@ def contract(w: Workload) -> MetaGraph:
                 memory_tokens=first.memory_tokens, hidden=t.hidden, heads=t.heads, ffn=t.ffn,
                 deps=tuple(sorted(deps[c])), level=level[c], out_elements_per_sample=out_elems,
                 extra_flops=extra_flops, extra_params=extra_params,
+                shared_by=users[t.component] if t.component else 1,
             )
         )
     return MetaGraph(w, metaops, ops)

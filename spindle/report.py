@@ -16,7 +16,7 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:9.2f} ms"
 
 
-def summary_text(res: "PlanResult", baselines: dict[str, "PlanResult"]) -> str:
+def summary_text(res: "PlanResult", baselines: dict[str, "PlanResult | str"]) -> str:
     p, sim = res.plan, res.simulation
     lines = [
         f"workload {p.workload}  planner {p.planner}  devices {p.num_devices}"
@@ -29,11 +29,18 @@ def summary_text(res: "PlanResult", baselines: dict[str, "PlanResult"]) -> str:
         f"{sim.schedule_s / res.lower_bound_s:.3f}",
         f"  simulated iteration{_ms(sim.makespan_s)}   = compute {sim.compute_s * 1e3:.2f}"
         f" + send/recv {sim.send_recv_s * 1e3:.2f} + param sync {sim.sync_s * 1e3:.2f} ms",
+        f"  send/recv          {res.send_recv_bytes / 1e9:9.3f} GB per iteration"
+        f" ({res.send_recv_time_s * 1e3:.2f} ms)",
+        f"  peak memory        {res.peak_memory_gb:9.2f} GB per device"
+        f" (imbalance max/mean {res.memory_imbalance:.2f})",
         f"  planning time      {res.planning_time_s * 1e3:9.1f} ms",
     ]
     if baselines:
         lines.append("  baselines (simulated iteration, speedup of this plan):")
         for name, b in baselines.items():
+            if isinstance(b, str):
+                lines.append(f"    {name:<11} does not fit: {b}")
+                continue
             lines.append(
                 f"    {name:<11} {_ms(b.simulation.makespan_s)}   "
                 f"x{b.simulation.makespan_s / sim.makespan_s:.2f}"

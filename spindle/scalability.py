@@ -73,8 +73,11 @@ def signature(op: MetaOp) -> Signature:
 def layer_grad_params(op: MetaOp) -> float:
     """Parameters whose gradients one layer of ``op`` all-reduces: the block's own, plus its
     share of the fused light parts (adapter, projection, LM head) spread evenly over the chain,
-    as ``op.flops_per_layer`` spreads their FLOPs."""
-    return op.params_per_layer + getattr(op, "extra_params", 0) / max(op.num_layers, 1)
+    as ``op.flops_per_layer`` spreads their FLOPs.  A layer shared by several MetaOps (the text
+    encoder of every text task, the LLM of every QWen-VAL task) is all-reduced once per
+    iteration, not once per MetaOp, so each MetaOp is charged its 1/shared_by share."""
+    own = op.params_per_layer + getattr(op, "extra_params", 0) / max(op.num_layers, 1)
+    return own / max(getattr(op, "shared_by", 1), 1)
 
 
 def _cache_key(op: MetaOp) -> tuple[Signature, float, float]:

@@ -1,0 +1,98 @@
+"""Planner benchmark: every shipped paper workload at 8/16/32/64 devices on the A800 model.
+
+Prints a markdown table: each planner's simulated iteration time, Spindle's speedup over
+`sequential`, Spindle's schedule against C* and the lower bound, and planning time; then the
+planning time of a generated 50-task workload on 1024 devices.
+
+    .venv/bin/python benchmarks/planner_bench.py [--hardware a800] [--devices 8 16 32 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from tqdm import tqdm
+
+from spindle.planning import BASELINES, evaluate, make_context
+from spindle.workload import Workload, workload_from_dict
+
+PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
+         "qwen-val-3"]
+# the paper's reported speedups over the sequential systems (SPINDLE.md section 9)
+PAPER_NOTE = {
+    ("multitask-clip-10", 32): "1.31-1.71x (10-task CLIP / 7-task OFASys range)",
+    ("ofasys-7", 32): "1.31-1.71x (10-task CLIP / 7-task OFASys range)",
+    ("qwen-val-3", 32): "1.16x",
+    ("qwen-val-3", 64): "1.63x",
+}
+
+
+def generated_workload(num_tasks: int, seed: int = 0) -> Workload:
+    """A random CLIP-like workload: 12 encoders of mixed sizes, ``num_tasks`` pair tasks."""
+    rng = random.Random(seed)
+    comps = {}
+    for i in range(12):
+        hidden = rng.choice([256, 384, 512, 768, 1024, 1280])
+        comps[f"enc{i}"] = {"kind": "encoder", "layers": rng.choice([6, 12, 24, 32]),
+                            "hidden": hidden, "heads": hidden // 64,
+                            "input": {"type": "features", "dim": 256}, "output_dim": 512}
+    tasks = []
+    for t in range(num_tasks):
+        a, b = rng.sample(sorted(comps), 2)
+        tasks.append({"name": f"t{t}", "batch_size": rng.choice([64, 128, 256, 512]),
+                      "stages": [{"name": "a", "component": a, "tokens": rng.choice([77, 197, 257])},
+                                 {"name": "b", "component": b, "tokens": rng.choice([77, 197, 257])}],
+                      "loss": {"type": "contrastive", "inputs": ["a", "b"]}})
+    return workload_from_dict({"name": f"generated-{num_tasks}", "components": comps,
+                               "tasks": tasks})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hardware", default="a800")
+    ap.add_argument("--devices", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--workloads", nargs="+", default=PAPER)
+    args = ap.parse_args()
+
+    planners = ("spindle",) + BASELINES
+    header = ("| workload | N | " + " | ".join(f"{p} (ms)" for p in planners)
+              + " | speedup vs seq | sched/C* | sched/LB | makespan/LB' | waves | plan (s) | paper |")
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    worst_cstar = 0.0
+    worst_plan = 0.0
+    for name in tqdm(args.workloads, desc="workloads"):
+        for n in args.devices:
+            ctx = make_context(name, n, 8, args.hardware)
+            res = {p: evaluate(ctx, p) for p in planners}
+            sp = res["spindle"]
+            ms = {p: r.simulation.makespan_s for p, r in res.items()}
+            ratio_c = sp.simulation.schedule_s / sp.relaxed_optimum_s
+            worst_cstar = max(worst_cstar, ratio_c)
+            worst_plan = max(worst_plan, sp.planning_time_s)
+            rows.append(
+                f"| {name} | {n} | " + " | ".join(f"{ms[p] * 1e3:.1f}" for p in planners)
+                + f" | {ms['sequential'] / ms['spindle']:.2f}x | {ratio_c:.3f}"
+                f" | {sp.simulation.schedule_s / sp.lower_bound_s:.3f}"
+                f" | {sp.simulation.makespan_s / sp.compute_lower_bound_s:.3f}"
+                f" | {len(sp.plan.waves)} | {sp.planning_time_s:.3f}"
+                f" | {PAPER_NOTE.get((name, n), '')} |"
+            )
+    print("\n".join(rows))
+    print(f"\nworst Spindle schedule / C*: {worst_cstar:.3f} (target <= 1.05)")
+    print(f"worst Spindle planning time per row: {worst_plan:.3f} s (target < 1 s)")
+
+    w = generated_workload(50)
+    t0 = time.perf_counter()
+    ctx = make_context(w, 1024, 8, args.hardware)
+    big = evaluate(ctx, "spindle")
+    total = time.perf_counter() - t0
+    print(f"generated 50-task workload on 1024 devices: {len(ctx.graph.metaops)} MetaOps,"
+          f" {len(big.plan.waves)} waves, planner {big.planning_time_s:.2f} s, end to end"
+          f" (contract + fit + plan + bounds + simulate) {total:.2f} s (target < 10 s);"
+          f" schedule/C* {big.simulation.schedule_s / big.relaxed_optimum_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
