@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from spindle.hardware import HardwareError, HardwareModel, load_hardware
 from spindle.hardware import _read_yaml as read_yaml  # same YAML reading, one-line errors
 from spindle.memory import MemoryModel, memory_model_for
-from spindle.workload import _format_validation_error  # pydantic error -> one line
+from spindle.validation import format_validation_error
 
 Precision = Literal["bf16-mixed", "fp32"]
 
@@ -167,7 +167,7 @@ def cluster_from_dict(
     try:
         spec = _ClusterFile.model_validate(data)
     except ValidationError as err:
-        raise ClusterError(_format_validation_error(source, err)) from None
+        raise ClusterError(format_validation_error(source, err)) from None
     hw_ref = spec.hardware
     if base_dir is not None and (base_dir / hw_ref).exists():
         hw_ref = str(base_dir / hw_ref)

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from spindle.validation import format_validation_error
+
 HARDWARE_FILE = Path(__file__).parent / "data" / "hardware.yaml"
 
 
@@ -128,14 +130,6 @@ class _HardwareSpec(BaseModel):
 _SOURCED_FIELDS = tuple(f for f in _HardwareSpec.model_fields if f != "description")
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-    msg = e["msg"].removeprefix("Value error, ")
-    value = e.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{source}: {loc}: {msg}{shown}"
-
 
 def hardware_from_dict(name: str, data: Any, source: str = "<hardware>") -> HardwareModel:
     """Validate one preset's mapping (``{field: {value, source}}``) into a :class:`HardwareModel`."""
@@ -144,7 +138,7 @@ def hardware_from_dict(name: str, data: Any, source: str = "<hardware>") -> Hard
     try:
         spec = _HardwareSpec.model_validate(data)
     except ValidationError as err:
-        raise HardwareError(_format_error(f"{source}: {name}", err)) from None
+        raise HardwareError(format_validation_error(f"{source}: {name}", err)) from None
     values = {f: getattr(spec, f).value for f in _SOURCED_FIELDS}
     sources = {f: getattr(spec, f).source for f in _SOURCED_FIELDS}
     return HardwareModel(name=name, description=spec.description, sources=sources, **values)

@@ -37,6 +37,7 @@ from spindle import costmodel
 from spindle.estimator import data_parallel_counts
 from spindle.graph import MetaOp, contract
 from spindle.plan import write_atomic
+from spindle.validation import format_validation_error
 from spindle.scalability import ProfilePoint, Signature, ring_factor, signature
 
 if TYPE_CHECKING:
@@ -207,14 +208,6 @@ class _ProfileModel(_Strict):
     entries: list[_EntryModel]
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-    msg = e["msg"].removeprefix("Value error, ")
-    value = e.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{source}: {loc}: {msg}{shown}"
-
 
 def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
     if not isinstance(data, dict):
@@ -228,7 +221,7 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
     try:
         m = _ProfileModel.model_validate(data)
     except ValidationError as err:
-        raise ProfileError(_format_validation_error(source, err)) from None
+        raise ProfileError(format_validation_error(source, err)) from None
     entries: dict[Signature, ProfileEntry] = {}
     for i, e in enumerate(m.entries):
         s = e.signature

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spindle.validation import format_validation_error
+
 BlockKind = Literal["encoder", "decoder", "llm"]
 """``encoder``: pre-LN bidirectional self-attention + GELU MLP.  ``decoder``: causal
 self-attention + cross-attention to a memory + GELU MLP.  ``llm``: causal self-attention + SwiGLU
@@ -232,14 +234,6 @@ def shipped_workloads() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-    msg = e["msg"].removeprefix("Value error, ")
-    value = e.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{source}: {loc}: {msg}{shown}"
-
 
 def workload_from_dict(data: Any, source: str = "<workload>") -> Workload:
     if not isinstance(data, dict):
@@ -247,7 +241,7 @@ def workload_from_dict(data: Any, source: str = "<workload>") -> Workload:
     try:
         return Workload.model_validate(data)
     except ValidationError as err:
-        raise WorkloadError(_format_validation_error(source, err)) from None
+        raise WorkloadError(format_validation_error(source, err)) from None
 
 
 def load_workload(name_or_path: str | Path) -> Workload:
