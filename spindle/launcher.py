@@ -1,0 +1,165 @@
+"""``spindle train``: plan a workload for N local processes and train it with torchrun.
+
+The launcher makes (or reads) the plan, writes it to a temporary folder and runs
+``python -m torch.distributed.run --standalone --nproc-per-node N -m spindle.train ...`` as a
+subprocess, returning its exit status.  It never launches ranks itself: torchrun does.
+
+torchrun's own messages (its log lines, and for a failed job its traceback and table of failed
+ranks) are left out of the output, since every rank already printed one line saying why it
+stopped; ``spindle --verbose train ...`` shows everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from spindle.plan import Plan
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_LOG = re.compile(rb"^[DIWEF]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(elastic|run)")
+"""A line of torchrun's own log (glog style: level, date, time, pid, file)."""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``spindle train``."""
+    parser.add_argument("workload", help="a shipped workload name or a YAML/TOML file")
+    parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) to launch")
+    parser.add_argument("--planner", default="spindle",
+                        help="planner that makes the plan (spindle or a baseline)")
+    parser.add_argument("--plan", default=None, metavar="FILE",
+                        help="train this plan instead of planning (must be for --nproc devices)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
+    parser.add_argument("--save", default=None, metavar="DIR", help="write DIR/params.pt")
+    parser.add_argument("--metrics", default=None, metavar="FILE",
+                        help="one JSON line per iteration")
+    parser.add_argument("--save-plan", default=None, metavar="FILE",
+                        help="also keep the plan that was trained")
+    parser.add_argument("--devices-per-node", type=int, default=None,
+                        help="devices per node for planning (default: --nproc, one node)")
+    parser.add_argument("--hardware", default=None,
+                        help="hardware preset for planning (default: a800 with CUDA, else cpu)")
+    parser.add_argument("--profile", default=None, help="measured profile for planning")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds a collective may wait before the job fails")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_arguments(args: argparse.Namespace, plan_path: Path) -> list[str]:
+    """The ``spindle.train`` arguments that carry ``args`` over."""
+    out = [str(args.workload), "--plan", str(plan_path), "--steps", str(args.steps),
+           "--seed", str(args.seed), "--lr", str(args.lr), "--dtype", args.dtype,
+           "--timeout", str(args.timeout)]
+    if args.save:
+        out += ["--save", str(args.save)]
+    if args.metrics:
+        out += ["--metrics", str(args.metrics)]
+    if args.no_progress:
+        out.append("--no-progress")
+    if getattr(args, "verbose", False):
+        out.append("--verbose")
+    return out
+
+
+def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "spindle.train", *train_args]
+
+
+def _make_plan(args: argparse.Namespace) -> Plan:
+    if args.plan:
+        return Plan.load(args.plan)
+    import torch
+
+    from spindle.planning import make_plan
+
+    hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
+    return make_plan(args.workload, args.planner, args.nproc,
+                     args.devices_per_node or args.nproc, hardware, args.profile)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """Plan, launch torchrun, and return its exit status (0 when every rank succeeded)."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: must be at least 1")
+    plan = _make_plan(args)
+    if plan.num_devices != args.nproc:
+        raise ValueError(f"the plan is for {plan.num_devices} devices, not --nproc {args.nproc}")
+    if args.save_plan:
+        plan.save(args.save_plan)
+    verbose = bool(getattr(args, "verbose", False))
+    with tempfile.TemporaryDirectory(prefix="spindle-train-") as tmp:
+        plan_path = Path(tmp) / "plan.json"
+        plan.save(plan_path)
+        cmd = torchrun_command(args.nproc, train_arguments(args, plan_path))
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if not verbose:
+            env.setdefault("LOGLEVEL", "ERROR")  # torchrun's banner and warnings
+        log.info("running %s", " ".join(cmd))
+        if verbose:
+            return subprocess.run(cmd, env=env).returncode
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        _forward_without_torchrun_report(proc.stderr, sys.stderr)
+        status = proc.wait()
+    if status != 0:
+        log.error("training failed (torchrun exit status %d)", status)
+    return status
+
+
+def _forward_without_torchrun_report(src: IO[bytes], dst: IO[str]) -> None:
+    """Copy ``src`` to ``dst`` as it arrives (progress bars included), leaving out torchrun's
+    own traceback and failure report at the end of a failed job."""
+    pending = b""  # the current, unfinished line
+    held: list[bytes] = []  # lines of a traceback being read
+    dropping = False
+    fd = src.fileno()
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        while True:
+            cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0),
+                      default=-1)
+            if cut < 0:
+                break
+            line, pending = pending[:cut + 1], pending[cut + 1:]
+            if dropping or _TORCHRUN_LOG.match(line):
+                continue
+            if held or line.startswith(b"Traceback (most recent call last):"):
+                held.append(line)
+                if not line[:1].isspace() and len(held) > 1:  # the exception line ends it
+                    if b"ChildFailedError" in line:
+                        dropping = True
+                    else:
+                        _write(dst, b"".join(held))
+                    held = []
+                continue
+            _write(dst, line)
+        marker = b"Traceback (most recent call last):"
+        if pending and not held and not dropping and not (
+            pending.startswith(marker) or marker.startswith(pending)
+        ):
+            _write(dst, pending)  # a progress bar redraw: show it now
+            pending = b""
+    if not dropping:
+        _write(dst, b"".join(held) + pending)
+
+
+def _write(dst: IO[str], data: bytes) -> None:
+    if data:
+        dst.write(data.decode(errors="replace"))
+        dst.flush()

@@ -1,0 +1,324 @@
+"""Execution: one training iteration of a plan on one rank (SPINDLE.md section 8.4).
+
+:class:`WaveExecutor` runs the forward waves in order and the backward waves in reverse:
+
+* forward, wave ``w``: the :class:`~spindle.runtime.transmission.Transmitter` delivers this
+  rank's rows of every value its slice reads; each arriving tensor becomes a *leaf* (detached
+  from the sender, ``requires_grad``), the slice's layers run with
+  :func:`spindle.runtime.model.run_operator`, and the slice's output (an activation tuple, or a
+  loss scalar) is kept;
+* backward, wave ``w``: ``torch.autograd.backward`` from the slice's output with the gradients
+  that arrived from its consumers (a loss scalar with gradient 1); the gradients of its input
+  leaves then travel back to the producers' rows and ranks, where they are summed.
+
+:class:`TrainingRun` adds what happens around it: localisation, the parameter device groups'
+gradient all-reduce, clipping by the true global norm, the AdamW step, and the measurements.
+The executor only executes what the plan says: who runs which layers on which rows is read off
+the plan by :mod:`spindle.runtime.localise`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from spindle.plan import Plan, Slice
+from spindle.runtime.data import make_raw
+from spindle.runtime.localise import (
+    LocalModel,
+    RowRange,
+    SliceRef,
+    localise,
+    rows_on,
+    slices_of_rank,
+)
+from spindle.runtime.metrics import PhaseTimer, RankIteration
+from spindle.runtime.model import (
+    LOSS_STAGE,
+    Activation,
+    needs_raw,
+    parameter_shape,
+    run_operator,
+)
+from spindle.runtime.param_groups import ParameterGroups
+from spindle.runtime.transmission import TransmissionSchedule, Transmitter, ValueKey
+from spindle.workload import Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _SliceRecord:
+    """What the forward of one slice leaves for its backward."""
+
+    ref: SliceRef
+    value: ValueKey  # the slice's output
+    leaves: dict[int, Activation]  # edge id -> input leaves
+    output: Activation | torch.Tensor  # activation tuple, or a loss scalar
+
+
+@dataclass
+class ForwardBackwardResult:
+    """This rank's loss contributions per task (detached), summed over its slices."""
+
+    task_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class WaveExecutor:
+    """Forward and backward of one iteration of ``plan`` on ``rank``."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        plan: Plan,
+        rank: int,
+        local: LocalModel,
+        transmitter: Transmitter,
+        timer: PhaseTimer,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.workload = workload
+        self.plan = plan
+        self.rank = rank
+        self.local = local
+        self.transmitter = transmitter
+        self.schedule = transmitter.schedule
+        self.timer = timer
+        self.seed = seed
+        self.dtype = dtype
+        self.device = device
+        self.my_slices: dict[int, tuple[SliceRef, Slice]] = slices_of_rank(plan, rank)
+        self._raw: dict[tuple[str, str, RowRange], torch.Tensor | None] = {}
+
+    # -- input data -----------------------------------------------------------------------------
+    def prepare_data(self, step: int) -> None:
+        """Generate this rank's raw input rows for ``step`` (kept apart from the timed phases)."""
+        self._raw = {}
+        full_batches: dict[tuple[str, str], torch.Tensor | None] = {}
+        for _, s in self.my_slices.values():
+            metaop = self.plan.metaops[s.metaop]
+            rows = rows_on(self.plan, s, self.rank)
+            assert rows is not None
+            for op in metaop.layers[s.layer_start:s.layer_end]:
+                key = (op.task, op.stage, rows)
+                if key in self._raw or not needs_raw(self.workload, op):
+                    continue
+                if (op.task, op.stage) not in full_batches:
+                    full_batches[(op.task, op.stage)] = make_raw(
+                        self.workload, op.task, op.stage, step, self.seed)
+                full = full_batches[(op.task, op.stage)]
+                self._raw[key] = None if full is None else self._local_rows(full, rows)
+
+    def _local_rows(self, full: torch.Tensor, rows: RowRange) -> torch.Tensor:
+        part = full[rows.start:rows.end]
+        dtype = self.dtype if part.is_floating_point() else part.dtype
+        return part.to(device=self.device, dtype=dtype)
+
+    # -- one iteration --------------------------------------------------------------------------
+    def forward_backward(self, step: int) -> ForwardBackwardResult:
+        """Forward every wave, then backward every wave in reverse; parameter gradients are left
+        in ``.grad`` (local sums, not yet synchronised)."""
+        produced: dict[ValueKey, Activation] = {}
+        records: dict[int, _SliceRecord] = {}
+        result = ForwardBackwardResult()
+        num_waves = len(self.plan.waves)
+        for w in range(num_waves):
+            with self.timer.phase("send_recv"):
+                arrived = self.transmitter.forward(w, produced)
+            mine = self.my_slices.get(w)
+            if mine is None:
+                continue
+            ref, s = mine
+            with self.timer.phase("compute"):
+                leaves = {eid: _as_leaves(act) for eid, act in arrived.items()}
+                out = self._run_slice(ref, s, leaves)
+                value = (s.metaop, s.layer_end - 1)
+                records[w] = _SliceRecord(ref, value, leaves, out)
+                if isinstance(out, torch.Tensor):
+                    task = self.plan.metaops[s.metaop].task
+                    prev = result.task_losses.get(task)
+                    loss = out.detach()
+                    result.task_losses[task] = loss if prev is None else prev + loss
+                else:
+                    produced[value] = out
+
+        output_grads: dict[ValueKey, list[torch.Tensor | None]] = {}
+        for w in reversed(range(num_waves)):
+            input_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
+            rec = records.pop(w, None)
+            if rec is not None:
+                with self.timer.phase("compute"):
+                    self._backward_slice(rec, output_grads)
+                    input_grads = {
+                        eid: tuple(t.grad if t.requires_grad else None for t in leaf)
+                        for eid, leaf in rec.leaves.items()
+                    }
+            with self.timer.phase("send_recv"):
+                self.transmitter.backward(w, input_grads, produced, output_grads)
+        return result
+
+    def _run_slice(
+        self, ref: SliceRef, s: Slice, leaves: dict[int, Activation]
+    ) -> Activation | torch.Tensor:
+        """The layers of slice ``s`` on this rank's rows; its inputs are ``leaves``."""
+        metaop = self.plan.metaops[s.metaop]
+        edges = self.schedule.inputs_of.get(ref, ())
+        params = self.local.params
+        rows = rows_on(self.plan, s, self.rank)
+        assert rows is not None
+        prev: Activation | torch.Tensor | None = None
+        dep_outputs: dict[str, Activation] = {}
+        if s.layer_start > 0:
+            (edge,) = edges
+            prev = leaves[edge.id]
+        else:
+            for e in edges:
+                producer_stage = self.plan.metaops[e.value[0]].layers[-1].stage
+                dep_outputs[producer_stage] = leaves[e.id]
+        for j in range(s.layer_start, s.layer_end):
+            op = metaop.layers[j]
+            carry: Activation | None = None
+            stage_inputs: dict[str, Activation] = {}
+            if op.stage == LOSS_STAGE or op.layer == 0:
+                if j == 0:
+                    stage_inputs = dep_outputs
+                else:  # a MetaOp whose chain crosses a stage boundary
+                    assert isinstance(prev, tuple)
+                    stage_inputs = {metaop.layers[j - 1].stage: prev}
+            else:
+                assert isinstance(prev, tuple)
+                carry = prev
+            raw = self._raw.get((op.task, op.stage, rows)) if needs_raw(self.workload, op) else None
+            prev = run_operator(self.workload, op, params, carry, stage_inputs, raw, metaop.batch)
+        assert prev is not None
+        return prev
+
+    def _backward_slice(
+        self, rec: _SliceRecord, output_grads: dict[ValueKey, list[torch.Tensor | None]]
+    ) -> None:
+        roots: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        if isinstance(rec.output, torch.Tensor):
+            if rec.output.requires_grad:
+                roots.append(rec.output)
+                grads.append(torch.ones_like(rec.output))
+        else:
+            arrived = output_grads.pop(rec.value, None)
+            if arrived is not None:
+                for t, g in zip(rec.output, arrived):
+                    if g is not None and t.requires_grad:
+                        roots.append(t)
+                        grads.append(g)
+        if roots:
+            torch.autograd.backward(roots, grads)
+
+
+def _as_leaves(act: Activation) -> Activation:
+    """Inputs of a slice: detached from the sender; floating tensors require grad."""
+    return tuple(
+        t.detach().requires_grad_(True) if t.is_floating_point() else t.detach() for t in act
+    )
+
+
+@dataclass
+class StepOutcome:
+    """One rank's result of :meth:`TrainingRun.step`."""
+
+    rank_iteration: RankIteration
+    grad_norm: float
+
+
+class TrainingRun:
+    """Everything one rank needs to train ``plan``: built in named steps, then :meth:`step`.
+
+    Construction is collective when the world has more than one rank (process groups of the
+    parameter device groups are created on every rank).
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        plan: Plan,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        clip: float = 1.0,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.workload = workload
+        self.plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.dtype = dtype
+        self.clip = clip
+        self.task_names = [t.name for t in workload.tasks]
+        self.local = localise(workload, plan, rank, seed, dtype, device)
+        self.groups = ParameterGroups(self.local.device_groups, rank, world_size, device, dtype)
+        schedule = TransmissionSchedule.build(plan)
+        self.transmitter = Transmitter(schedule, rank, device, timeout_s=timeout_s)
+        self.timer = PhaseTimer(device)
+        self.executor = WaveExecutor(workload, plan, rank, self.local, self.transmitter,
+                                     self.timer, seed, dtype, device)
+        params = list(self.local.params.values())
+        self.optimizer = (
+            # foreach: the multi-tensor kernels, bit-identical to the per-tensor loop, faster
+            torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+            if params else None
+        )
+        self._prepared: int | None = None
+
+    def prepare_data(self, step: int) -> float:
+        """Generate ``step``'s input rows now (outside the timed iteration); returns seconds."""
+        t0 = time.perf_counter()
+        self.executor.prepare_data(step)
+        self._prepared = step
+        return time.perf_counter() - t0
+
+    def step(self, step: int) -> StepOutcome:
+        """One iteration: forward, backward, device-group sync, clip, AdamW step (the input
+        rows are generated first unless :meth:`prepare_data` already did)."""
+        data_s = 0.0 if self._prepared == step else self.prepare_data(step)
+        self._prepared = None
+        self.timer.reset()
+        self.transmitter.counters.reset()
+        self.timer.sync()
+        start = time.perf_counter()
+        with self.timer.phase("optimizer"):
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+        result = self.executor.forward_backward(step)
+        with self.timer.phase("param_sync"):
+            sync_bytes = self.groups.sync_gradients(self.local.params)
+        with self.timer.phase("optimizer"):
+            norm = self.groups.clip_gradients(self.local.params, self.clip)
+            if self.optimizer is not None:
+                self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        counters = self.transmitter.counters
+        return StepOutcome(
+            RankIteration(
+                time_s=elapsed, data_s=data_s, phases=dict(self.timer.seconds),
+                bytes_forward=counters.forward_bytes, bytes_backward=counters.backward_bytes,
+                sync_bytes=sync_bytes,
+                task_losses={t: float(v) for t, v in result.task_losses.items()},
+            ),
+            grad_norm=norm,
+        )
+
+    def gather_parameters(self) -> dict[str, torch.Tensor] | None:
+        """Every logical parameter on rank 0 (None on the other ranks); collective."""
+        return self.groups.gather(
+            self.local.params, lambda name: tuple(parameter_shape(self.workload, name)))
+
+
+__all__ = ["WaveExecutor", "TrainingRun", "StepOutcome", "ForwardBackwardResult"]

@@ -1,0 +1,337 @@
+"""The runtime engine's parts: localisation, row re-splitting, parameter pools, metrics, the
+torchrun entry's failure handling, and the ``spindle train`` launcher.
+
+The first group runs in-process in milliseconds (no torch.distributed).  The tests that launch
+ranks with torchrun (gloo on CPU) are marked ``slow``; each takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spindle.graph import contract
+from spindle.plan import Plan, Slice, Wave
+from spindle.runtime.localise import (
+    RowRange,
+    executing_ranks,
+    iter_slices,
+    localise,
+    parameter_device_groups,
+    rows_on,
+    slice_layout,
+)
+from spindle.runtime.metrics import PHASES, RankIteration, combine_ranks
+from spindle.runtime.model import all_parameter_names, init_parameter, parameter_names
+from spindle.runtime.param_groups import build_pools
+from spindle.runtime.transmission import TransmissionSchedule, split_rows
+from spindle.workload import load_workload
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_equivalence import (  # noqa: E402  (shared plan helpers and launching)
+    REPO,
+    WORKLOADS,
+    demanding_mixed_plan,
+    run_train,
+    sequential_hand_plan,
+)
+
+# --- row re-splitting ----------------------------------------------------------------------------
+
+
+def _layout(devices: tuple[int, ...], batch: int) -> list[tuple[int, RowRange]]:
+    per = batch // len(devices)
+    return [(d, RowRange(k * per, (k + 1) * per)) for k, d in enumerate(devices)]
+
+
+def test_four_devices_to_two_resplits_rows() -> None:
+    pieces = split_rows(_layout((0, 1, 2, 3), 8), _layout((2, 0), 8))
+    got = [(p.src, p.dst, p.rows.start, p.rows.end) for p in pieces]
+    assert got == [(2, 0, 4, 6), (3, 0, 6, 8), (0, 2, 0, 2), (1, 2, 2, 4)]
+    first = pieces[0]  # rows 4..6: the start of rank 2's rows, the start of rank 0's rows
+    assert (first.src_index(), first.dst_index()) == (slice(0, 2), slice(0, 2))
+    assert pieces[1].dst_index() == slice(2, 4)
+    assert [p.is_local for p in pieces] == [False, False, False, False]
+
+
+def test_two_devices_to_four_and_same_group_is_local() -> None:
+    pieces = split_rows(_layout((0, 1), 8), _layout((0, 1, 2, 3), 8))
+    assert [(p.src, p.dst, p.rows.start, p.src_index()) for p in pieces] == [
+        (0, 0, 0, slice(0, 2)), (0, 1, 2, slice(2, 4)), (1, 2, 4, slice(0, 2)),
+        (1, 3, 6, slice(2, 4)),
+    ]
+    same = split_rows(_layout((3, 1), 4), _layout((3, 1), 4))
+    assert all(p.is_local for p in same) and len(same) == 2
+
+
+def test_contrastive_loss_runs_on_the_first_device_with_the_whole_batch() -> None:
+    w = load_workload("tiny-multitask-clip")
+    plan = sequential_hand_plan(w, 4)
+    for _, s in iter_slices(plan):
+        m = plan.metaops[s.metaop]
+        if m.kind == "contrastive":
+            assert s.n == 4
+            assert slice_layout(plan, s) == ((s.devices[0], RowRange(0, m.batch)),)
+            assert executing_ranks(plan, s) == (s.devices[0],)
+            assert rows_on(plan, s, s.devices[1]) is None
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_every_slice_gets_each_of_its_rows_exactly_once(workload: str) -> None:
+    plan = demanding_mixed_plan(load_workload(workload), 4)
+    schedule = TransmissionSchedule.build(plan)
+    for ref, s in iter_slices(plan):
+        m = plan.metaops[s.metaop]
+        edges = schedule.inputs_of.get(ref, ())
+        assert len(edges) == (1 if s.layer_start > 0 else len(m.deps))
+        for e in edges:
+            assert e.producer.wave < ref.wave
+            for rank, rows in slice_layout(plan, s):
+                mine = sorted((p.rows.start, p.rows.end) for p in e.pieces if p.dst == rank)
+                assert mine[0][0] == rows.start and mine[-1][1] == rows.end
+                assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+
+
+# --- localisation and parameter pools ----------------------------------------------------------
+
+
+def test_each_rank_builds_only_its_parameters_from_name_and_seed() -> None:
+    w = load_workload("tiny-ofasys")
+    plan = demanding_mixed_plan(w, 4)
+    groups = parameter_device_groups(w, plan)
+    assert sorted(groups) == all_parameter_names(w)
+    seen: set[str] = set()
+    for rank in range(4):
+        local = localise(w, plan, rank, seed=3, dtype=torch.float64)
+        used = {n for _, s in iter_slices(plan) if rank in executing_ranks(plan, s)
+                for ref in plan.metaops[s.metaop].layers[s.layer_start:s.layer_end]
+                for n in parameter_names(w, ref)}
+        assert set(local.params) == used
+        for name, p in local.params.items():
+            assert rank in groups[name]
+            assert torch.equal(p.detach(), init_parameter(name, tuple(p.shape), 3, torch.float64))
+        seen |= used
+    assert seen == set(groups)
+
+
+def test_pools_group_parameters_by_device_group_in_a_fixed_order() -> None:
+    groups = {"a": (0, 1), "b": (1,), "c": (0, 1), "d": (0, 1, 2, 3), "e": (1,)}
+    pools = build_pools(groups)
+    assert [(p.ranks, p.names) for p in pools] == [
+        ((1,), ("b", "e")), ((0, 1), ("a", "c")), ((0, 1, 2, 3), ("d",)),
+    ]
+    assert build_pools(dict(reversed(list(groups.items())))) == pools
+
+
+def test_combine_ranks_takes_the_slowest_phase_and_sums_bytes_and_losses() -> None:
+    tasks = ["t1", "t2"]
+    a = RankIteration(1.0, 0.1, {p: 0.1 for p in PHASES}, 100, 50, 8, {"t1": 0.5})
+    b = RankIteration(2.0, 0.2, {p: 0.3 for p in PHASES}, 10, 5, 8, {"t1": 0.25, "t2": 1.0})
+    rec = combine_ranks("x", "spindle", 4, tasks, [a.to_vector(tasks), b.to_vector(tasks)], 1.5)
+    assert rec.time_s == 2.0 and rec.compute_s == 0.3 and rec.rank_time_s == [1.0, 2.0]
+    assert (rec.bytes_sent, rec.bytes_sent_forward, rec.bytes_sent_backward) == (165, 110, 55)
+    assert rec.losses == {"t1": 0.75, "t2": 1.0} and rec.loss == 1.75
+    assert json.loads(rec.to_json())["planner"] == "spindle"
+
+
+def test_one_rank_without_torchrun_trains_like_the_reference() -> None:
+    """World size 1 needs no process group: every piece is a local view."""
+    from spindle.runtime.executor import TrainingRun
+    from spindle.runtime.reference import train_reference
+
+    w = load_workload("tiny-qwen-val")
+    run = TrainingRun(w, demanding_mixed_plan(w, 1), 0, 1, torch.device("cpu"), seed=5,
+                      dtype=torch.float64)
+    for step in range(2):
+        outcome = run.step(step)
+        assert outcome.rank_iteration.bytes_forward == 0
+    want = train_reference(w, 5, 2, dtype=torch.float64)
+    got = run.gather_parameters()
+    assert got is not None and sorted(got) == sorted(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-10), name
+
+
+# --- the torchrun entry -----------------------------------------------------------------------
+
+
+def rank_stderr(log_dir: Path, nproc: int) -> list[str]:
+    """Each rank's stderr from torchrun's ``--log-dir`` (``--redirects 3``)."""
+    out = []
+    for rank in range(nproc):
+        (path,) = log_dir.glob(f"*/attempt_0/{rank}/stderr.log")
+        out.append(path.read_text())
+    return out
+
+
+STOPPED = "stopped by the launcher (another rank failed)"
+
+
+def assert_one_line_each(logs: list[str], expect: list[str | tuple[str, ...]]) -> None:
+    """Each rank wrote exactly one line, which contains (one of) its expected text(s)."""
+    for rank, (text, want) in enumerate(zip(logs, expect)):
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        assert len(lines) == 1, f"rank {rank}: {text!r}"
+        assert lines[0].startswith(f"spindle.train: rank {rank}: "), lines[0]
+        options = (want,) if isinstance(want, str) else want
+        assert any(w in lines[0] for w in options), lines[0]
+        assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_bytes_sent_equal_the_planners_prediction(tmp_path: Path) -> None:
+    from spindle.planning import make_plan
+    from spindle.simulator import predicted_send_bytes
+
+    w = load_workload("tiny-ofasys")
+    graph = contract(w)
+    plans = {"spindle": make_plan(w, "spindle", 4, 4), "mixed": demanding_mixed_plan(w, 4)}
+    paths = []
+    for label, plan in plans.items():
+        plan.save(tmp_path / f"{label}.json")
+        paths.append(str(tmp_path / f"{label}.json"))
+    metrics = tmp_path / "m.jsonl"
+    proc = run_train(4, w.name, ["--plan", *paths, "--steps", "2", "--metrics", str(metrics),
+                                 "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["plan"], r["step"]) for r in records] == [
+        ("spindle", 0), ("spindle", 1), ("mixed", 0), ("mixed", 1)]
+    for r in records:
+        want = predicted_send_bytes(plans[r["plan"]], graph, 4)
+        assert r["bytes_sent"] == want
+        assert want > 0 or r["plan"] == "spindle"  # placement may keep every flow on its device
+        assert r["bytes_sent_forward"] == r["bytes_sent_backward"]
+        assert r["time_s"] >= max(r["compute_s"], r["send_recv_s"], r["param_sync_s"])
+        assert len(r["rank_time_s"]) == 4 and set(r["losses"]) == {t.name for t in w.tasks}
+        assert r["param_sync_bytes"] > 0 and r["grad_norm"] > 0
+
+
+def test_plan_for_another_workload_or_missing_plan_is_one_line(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.json"
+    sequential_hand_plan(load_workload("tiny-ofasys"), 1).save(plan_path)
+    for args, want in [
+        (["tiny-qwen-val", "--plan", str(plan_path)], "plan is for workload 'tiny-ofasys'"),
+        (["tiny-qwen-val", "--plan", str(tmp_path / "nope.json")], "plan file not found"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "spindle.train", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1
+        assert_one_line_each([proc.stderr], [want])
+
+
+@pytest.mark.slow
+def test_plan_for_another_world_size_stops_every_rank(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.json"
+    sequential_hand_plan(load_workload("tiny-ofasys"), 4).save(plan_path)
+    proc = run_train(2, "tiny-ofasys", ["--plan", str(plan_path)], timeout=60,
+                     log_dir=tmp_path / "logs")
+    assert proc.returncode != 0
+    # every rank refuses the plan before any collective; torchrun may stop a slower rank first
+    reason = "plan is for 4 devices but 2 ranks were launched"
+    logs = rank_stderr(tmp_path / "logs", 2)
+    assert_one_line_each(logs, [(reason, STOPPED)] * 2)
+    assert any(reason in text for text in logs)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
+    w = load_workload("tiny-multitask-clip")
+    plan_path = tmp_path / "plan.json"
+    demanding_mixed_plan(w, 4).save(plan_path)
+    start = time.monotonic()
+    proc = run_train(4, w.name, ["--plan", str(plan_path), "--steps", "5", "--timeout", "60",
+                                 "--no-progress"],
+                     timeout=120, log_dir=tmp_path / "logs", env={"SPINDLE_FAIL_RANK": "1"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 50, f"took {elapsed:.0f} s: something waited for the collective timeout"
+    logs = rank_stderr(tmp_path / "logs", 4)
+    lost = ("lost contact with another rank", STOPPED)
+    assert_one_line_each(logs, [lost, "injected failure at step 1", lost, lost])
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_spindle_train_plans_launches_and_saves(tmp_path: Path) -> None:
+    from spindle.launcher import add_train_arguments, run_train_command
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["tiny-qwen-val", "--nproc", "2", "--steps", "2", "--save",
+                              str(tmp_path), "--save-plan", str(tmp_path / "plan.json"),
+                              "--no-progress"])
+    assert run_train_command(args) == 0
+    params = torch.load(tmp_path / "params.pt")
+    assert sorted(params) == all_parameter_names(load_workload("tiny-qwen-val"))
+    assert Plan.load(tmp_path / "plan.json").planner == "spindle"
+
+    wrong = parser.parse_args(["tiny-qwen-val", "--nproc", "4", "--plan",
+                               str(tmp_path / "plan.json")])
+    with pytest.raises(ValueError, match="plan is for 2 devices"):
+        run_train_command(wrong)
+
+
+def test_launcher_hides_torchrun_report_but_not_rank_lines() -> None:
+    import io
+    import os
+
+    from spindle.launcher import _forward_without_torchrun_report
+
+    text = (
+        "bar 10%\rbar 50%\r"
+        "spindle.train: rank 1: injected failure\n"
+        "E1125 15:19:42.655000 15569 .venv/lib/python3.11/site-packages/torch/distributed/"
+        "elastic/multiprocessing/api.py:1002] failed (exitcode: 1)\n"
+        "Traceback (most recent call last):\n  File \"run.py\", line 1, in <module>\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "=====\nspindle.train FAILED\n=====\n"
+    )
+    r, w = os.pipe()
+    os.write(w, text.encode())
+    os.close(w)
+    out = io.StringIO()
+    with os.fdopen(r, "rb") as src:
+        _forward_without_torchrun_report(src, out)
+    assert out.getvalue() == "bar 10%\rbar 50%\rspindle.train: rank 1: injected failure\n"
+
+
+def test_one_line_reasons() -> None:
+    from spindle.train import TrainError, _one_line
+
+    assert _one_line(TrainError("plan is for 4 devices")) == "plan is for 4 devices"
+    gloo = RuntimeError("[/x/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:42. More.")
+    assert _one_line(gloo) == (
+        "lost contact with another rank (it failed or stopped): Connection closed by peer"
+        " [127.0.0.1]:42")
+    assert _one_line(KeyError("w")) == "KeyError: 'w'"
+
+
+def test_plan_helpers_cover_side_by_side_waves() -> None:
+    plan = demanding_mixed_plan(load_workload("tiny-qwen-val"), 4)
+    assert any(len(w.slices) > 1 for w in plan.waves)
+    assert isinstance(plan.waves[0], Wave) and isinstance(plan.waves[0].slices[0], Slice)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_responding_times_out_on_every_rank(tmp_path: Path) -> None:
+    plan_path = tmp_path / "plan.json"
+    sequential_hand_plan(load_workload("tiny-ofasys"), 2).save(plan_path)
+    start = time.monotonic()
+    proc = run_train(2, "tiny-ofasys", ["--plan", str(plan_path), "--steps", "3", "--timeout",
+                                        "5", "--no-progress"], timeout=120,
+                     log_dir=tmp_path / "logs",
+                     env={"SPINDLE_FAIL_RANK": "1", "SPINDLE_FAIL_MODE": "hang"})
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    assert_one_line_each(rank_stderr(tmp_path / "logs", 2),
+                         ["lost contact with another rank", STOPPED])
