@@ -186,23 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
     p.set_defaults(func=_cmd_show)
 
-    try:
-        from spindle.profiler import add_profile_arguments, run_profile_command
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        p = sub.add_parser("profile", help="time real layers on this machine")
-        add_profile_arguments(p)
-        p.set_defaults(func=run_profile_command)
+    from spindle.launcher import add_train_arguments, run_train_command
+    from spindle.profiler import add_profile_arguments, run_profile_command
 
-    try:
-        from spindle.launcher import add_train_arguments, run_train_command
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        p = sub.add_parser("train", help="plan and train with torchrun on local processes")
-        add_train_arguments(p)
-        p.set_defaults(func=run_train_command)
+    p = sub.add_parser("profile", help="time real layers on this machine")
+    add_profile_arguments(p)
+    p.set_defaults(func=run_profile_command)
+
+    p = sub.add_parser("train", help="plan and train with torchrun on local processes")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train_command)
 
     p = sub.add_parser("demo", help="plan and train the default tiny workload on 2 processes")
     p.add_argument("--workload", default="tiny-multitask-clip")

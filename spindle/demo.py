@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def run_demo(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", "-m", "spindle.train", args.workload,
                    "--plan", str(plan_path), "--steps", str(steps), "--metrics", str(metrics)]
-            code = subprocess.call(cmd)
+            # torchrun prints a banner unless OMP_NUM_THREADS is set; 1 is its default anyway
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            code = subprocess.call(cmd, env=env)
             if code != 0:
                 print(f"spindle: error: training with the {planner} plan failed (exit {code})",
                       file=sys.stderr)

@@ -212,4 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # torch 2.13 + gloo sometimes aborts or hangs in interpreter shutdown after a process group
+    # was used; leave directly, as spindle.train does
+    os._exit(code)
