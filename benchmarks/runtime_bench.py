@@ -91,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:
             sys.stdout.write(json.dumps({"workload": name, "world_size": world,
                                          "iteration_s": iterations, "spindle_phases_s":
-                                         phases["spindle"]}) + "\n")
+                                         phases["spindle"], "phases_s": phases}) + "\n")
             sys.stdout.flush()
     dist.barrier()
     # leave without the interpreter's teardown (gloo's threads sometimes abort or hang there)
@@ -116,6 +116,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hardware", default="cpu", help="hardware preset for planning")
     parser.add_argument("--profile", default=None, help="measured profile for planning")
+    parser.add_argument("--profile-each", action="store_true",
+                        help="first run `spindle profile` on this machine for every workload and"
+                             " plan (and predict) from that profile")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plans-dir", default=None, help=argparse.SUPPRESS)
@@ -127,13 +130,27 @@ def main() -> int:
     from spindle.planning import make_plan
 
     predicted: dict[str, float] = {}
+    predicted_s: dict[tuple[str, str], float] = {}
+    predicted_phases: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="spindle-bench-") as tmp:
         for name in args.workload:
+            profile = args.profile
+            if args.profile_each:
+                profile = str(Path(tmp) / f"{name}.profile.json")
+                subprocess.run([sys.executable, "-m", "spindle.cli", "profile", name,
+                                "--devices", str(args.nproc), "--out", profile,
+                                "--no-progress"], check=True)
             schedule = {}
             for p in PLANNED:
-                plan = make_plan(name, p, args.nproc, args.nproc, args.hardware, args.profile)
+                plan = make_plan(name, p, args.nproc, args.nproc, args.hardware, profile)
                 plan.save(Path(tmp) / f"{name}-{p}.json")
                 schedule[p] = plan.estimates.get("makespan_s", 0.0)
+                predicted_s[(name, p)] = schedule[p]
+                predicted_phases[(name, p)] = {
+                    k: plan.estimates.get(f"{k}_s", 0.0) for k in ("compute", "param_sync",
+                                                                    "optimizer")}
+                predicted_phases[(name, p)]["send_recv"] = plan.estimates.get(
+                    "send_recv_time_s", 0.0)
             if schedule["spindle"] > 0:
                 predicted[name] = schedule["sequential"] / schedule["spindle"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -164,6 +181,32 @@ def main() -> int:
         pred = predicted.get(r["workload"])
         print(f"| {r['workload']} | {sp:.1f} | {sq:.1f} | {dd:.1f} | {sq / sp:.2f}x |"
               f" {dd / sp:.2f}x | {f'{pred:.2f}x' if pred else '-'} | {shares} |")
+    print("\nsequential plan (Spindle's runtime) against plain DDP, same ranks: ")
+    for r in results:
+        it = r["iteration_s"]
+        sq, dd = _median_ms(it["sequential"]), _median_ms(it["ddp"])
+        print(f"- {r['workload']}: sequential / DDP = {sq / dd:.3f} (target <= 1.10)")
+    print("\nSimulator's prediction (compute + send/recv + param sync + optimizer) against the"
+          " measured iteration:\n")
+    print("| workload | plan | predicted ms | measured ms | error |")
+    print("|---|---|---:|---:|---:|")
+    for r in results:
+        for p in PLANNED:
+            meas = _median_ms(r["iteration_s"][p])
+            pred = predicted_s.get((r["workload"], p), 0.0) * 1e3
+            print(f"| {r['workload']} | {p} | {pred:.1f} | {meas:.1f} |"
+                  f" {100 * (pred - meas) / meas:+.0f}% |")
+    print("\nPer phase, predicted / measured ms (measured: each phase's per-rank mean, slowest"
+          " rank; the phases of the slowest rank need not add up to its iteration):\n")
+    print("| workload | plan | compute | send_recv | param_sync | optimizer |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in results:
+        for p in PLANNED:
+            pp = predicted_phases.get((r["workload"], p), {})
+            mp = r.get("phases_s", {}).get(p, {})
+            cells = " | ".join(f"{1e3 * pp.get(k, 0.0):.1f} / {1e3 * mp.get(k, 0.0):.1f}"
+                               for k in ("compute", "send_recv", "param_sync", "optimizer"))
+            print(f"| {r['workload']} | {p} | {cells} |")
     return 0
 
 

@@ -51,6 +51,9 @@ class HardwareModel:
     memory_bytes: int
     devices_per_node: int
     grad_bytes: int
+    # AdamW step (optional: 0 = not modelled): memory-bound, bytes moved per parameter / bandwidth
+    memory_bandwidth: float = 0.0
+    optimizer_bytes_per_param: float = 0.0
     sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def efficiency(self, work_flops: float) -> float:
@@ -79,6 +82,14 @@ class HardwareModel:
         if n <= 1 or nbytes <= 0:
             return 0.0
         return self.latency(n) + 2.0 * (n - 1) / n * nbytes / self.bandwidth(n)
+
+    def optimizer_time(self, params: float) -> float:
+        """Seconds of one AdamW step over ``params`` parameters on one device: the optimizer is
+        memory-bound, so ``params * optimizer_bytes_per_param / memory_bandwidth`` (0 when the
+        preset gives no memory bandwidth)."""
+        if self.memory_bandwidth <= 0 or params <= 0:
+            return 0.0
+        return params * self.optimizer_bytes_per_param / self.memory_bandwidth
 
     def with_devices_per_node(self, devices_per_node: int) -> "HardwareModel":
         if devices_per_node < 1:
@@ -125,6 +136,8 @@ class _HardwareSpec(BaseModel):
     memory_bytes: _PositiveInt
     devices_per_node: _PositiveInt
     grad_bytes: _PositiveInt
+    memory_bandwidth: _PositiveFloat | None = None
+    optimizer_bytes_per_param: _PositiveFloat | None = None
 
 
 _SOURCED_FIELDS = tuple(f for f in _HardwareSpec.model_fields if f != "description")
@@ -139,8 +152,9 @@ def hardware_from_dict(name: str, data: Any, source: str = "<hardware>") -> Hard
         spec = _HardwareSpec.model_validate(data)
     except ValidationError as err:
         raise HardwareError(format_validation_error(f"{source}: {name}", err)) from None
-    values = {f: getattr(spec, f).value for f in _SOURCED_FIELDS}
-    sources = {f: getattr(spec, f).source for f in _SOURCED_FIELDS}
+    present = [f for f in _SOURCED_FIELDS if getattr(spec, f) is not None]
+    values = {f: getattr(spec, f).value for f in present}
+    sources = {f: getattr(spec, f).source for f in present}
     return HardwareModel(name=name, description=spec.description, sources=sources, **values)
 
 

@@ -132,8 +132,13 @@ def make_context(
                           devices_per_node, device_memory_gib=device_memory_gib)
     graph = contract(w)
     est = make_estimator(cl.hardware, Path(profile) if profile else None, cl.devices_per_node)
+    measured = None
+    if profile:
+        from spindle.profiler import load_profile  # local: the profiler module imports torch lazily
+
+        measured = load_profile(profile)
     return PlanningContext(
-        w, graph, est, cl, links_for_cluster(cl),
+        w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
         check_memory, ParameterIndex(graph),
     )
@@ -188,7 +193,8 @@ def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
     plan.estimates.update(
         schedule_s=sim.schedule_s, makespan_s=sim.makespan_s, relaxed_optimum_s=c_star,
         lower_bound_s=lb, planning_time_s=elapsed, send_recv_bytes=sim.send_recv_bytes,
-        send_recv_time_s=sim.send_recv_s, peak_memory_gb=mem.peak_gb,
+        send_recv_time_s=sim.send_recv_s, compute_s=sim.compute_s, param_sync_s=sim.sync_s,
+        optimizer_s=sim.optimizer_s, peak_memory_gb=mem.peak_gb,
         memory_imbalance=mem.imbalance,
     )
     return PlanResult(plan, sim, mem, c_star, lb, lb_compute, elapsed)

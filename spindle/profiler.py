@@ -8,7 +8,13 @@ forward + backward at the per-device batch ``batch / n``: a few warm-up runs, th
 once: gloo all-reduce over 2 local processes for a few message sizes, fitted as
 ``latency + bytes / bandwidth``; each point's ``sync_s`` is that model's ring all-reduce of the
 block's own gradients over n devices (the estimator re-applies the measured collective model
-to the layer's full gradient volume, light parts included).  The result is a versioned JSON profile, written atomically,
+to the layer's full gradient volume, light parts included).  The same spawned processes also
+measure (schema version 2) the point-to-point exchange of a wave boundary (one
+``batch_isend_irecv`` of an isend and an irecv per rank, fitted as ``latency + bytes /
+bandwidth``) and the runtime's optimizer phase (zero_grad, clipping by the global norm with its
+scalar all-reduce, ``AdamW(foreach=True)``) over parameter sets made of the runtime's own
+parameter tensors of the workload, fitted as ``fixed + per_param * parameters``; the simulator
+uses them (:func:`spindle.simulator.links_for_cluster`) when planning for the ``cpu`` preset.  The result is a versioned JSON profile, written atomically,
 that :func:`spindle.scalability.make_estimator` fits instead of the hardware model.
 
 Only this module imports torch (lazily), so loading a profile stays cheap.
@@ -45,9 +51,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no P2P / optimizer measurements (None)
 PROFILE_KIND = "spindle-profile"
 COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+P2P_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+OPTIMIZER_COPIES = (1, 2, 4, 8)  # parameter sets of 1, 2, 4, 8 copies of the workload's blocks
 DEFAULT_MAX_SECONDS = 300.0  # the paper profiles a model in under 5 minutes
 
 
@@ -58,6 +67,22 @@ class ProfileError(ValueError):
 # --- the profile file --------------------------------------------------------------------------
 
 
+def interpolate_samples(
+    samples: tuple[tuple[int, float], ...], nbytes: float, bandwidth: float
+) -> float:
+    """Measured time of a ``nbytes`` message: piecewise-linear between the measured sizes (gloo
+    over loopback is not affine: it switches algorithms and buffer paths with the size), the
+    smallest size's time below it, and the fitted ``bandwidth`` beyond the largest size."""
+    pts = sorted(samples)
+    if nbytes <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if nbytes <= b1:
+            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+    b, t = pts[-1]
+    return t + (nbytes - b) / bandwidth
+
+
 @dataclass(frozen=True)
 class CollectiveFit:
     """Measured all-reduce speed: ``latency_s + 2 (n - 1) / n * bytes / bandwidth`` (n > 1)."""
@@ -66,12 +91,58 @@ class CollectiveFit:
     processes: int
     latency_s: float
     bandwidth: float  # bus bandwidth, bytes/s
-    samples: tuple[tuple[int, float], ...] = ()  # (message bytes, median seconds)
+    samples: tuple[tuple[int, float], ...] = ()  # (message bytes, mean seconds)
 
     def allreduce_time(self, nbytes: float, n: int) -> float:
         if n <= 1 or nbytes <= 0:
             return 0.0
         return self.latency_s + ring_factor(n) * nbytes / self.bandwidth
+
+    def measured_allreduce_time(self, nbytes: float, n: int) -> float:
+        """The all-reduce time read off the measured samples (interpolated; on ``n`` devices at
+        the message size with the same per-device ring traffic as on ``processes``); the fitted
+        model when there are no samples."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        if len(self.samples) < 2:
+            return self.allreduce_time(nbytes, n)
+        equiv = nbytes * ring_factor(n) / ring_factor(self.processes)
+        return interpolate_samples(self.samples, equiv, self.bandwidth / ring_factor(self.processes))
+
+
+@dataclass(frozen=True)
+class P2PFit:
+    """Measured point-to-point exchange: both processes ``batch_isend_irecv`` one send and one
+    receive of ``bytes`` to each other (what the runtime does at a wave boundary between two
+    ranks) in ``latency_s + bytes / bandwidth``."""
+
+    backend: str
+    latency_s: float
+    bandwidth: float  # bytes/s, each direction
+    samples: tuple[tuple[int, float], ...] = ()
+
+    def exchange_time(self, nbytes: float) -> float:
+        """Time of an exchange of ``nbytes`` each way, read off the measured samples
+        (interpolated), or the fitted model when there are fewer than two."""
+        if len(self.samples) < 2:
+            return self.latency_s + max(nbytes, 0.0) / self.bandwidth
+        return interpolate_samples(self.samples, max(nbytes, 0.0), self.bandwidth)
+
+
+@dataclass(frozen=True)
+class OptimizerFit:
+    """Measured optimizer phase of the runtime on one process (zero_grad, gradient clipping by
+    the global norm, including its scalar all-reduce over the processes, and the
+    ``torch.optim.AdamW(foreach=True)`` step): ``fixed_s + per_param_s * parameters``."""
+
+    fixed_s: float
+    per_param_s: float
+    samples: tuple[tuple[int, float], ...] = ()  # (parameters, mean seconds)
+
+    def step_time(self, params: float) -> float:
+        if params <= 0:
+            return 0.0
+        return self.fixed_s + self.per_param_s * params
 
 
 @dataclass(frozen=True)
@@ -101,6 +172,8 @@ class Profile:
     elapsed_s: float = 0.0
     source: str = "<memory>"
     schema_version: int = PROFILE_SCHEMA_VERSION
+    p2p: P2PFit | None = None  # None in version-1 profiles
+    optimizer: OptimizerFit | None = None  # None in version-1 profiles
 
     def entry(self, sig: Signature) -> ProfileEntry | None:
         return self.entries.get(sig)
@@ -125,6 +198,15 @@ class Profile:
                 "bandwidth_Bps": c.bandwidth,
                 "samples": [{"bytes": b, "seconds": s} for b, s in c.samples],
             },
+            **({"p2p": {
+                "backend": self.p2p.backend, "latency_s": self.p2p.latency_s,
+                "bandwidth_Bps": self.p2p.bandwidth,
+                "samples": [{"bytes": b, "seconds": s} for b, s in self.p2p.samples],
+            }} if self.p2p is not None else {}),
+            **({"optimizer": {
+                "fixed_s": self.optimizer.fixed_s, "per_param_s": self.optimizer.per_param_s,
+                "samples": [{"params": n, "seconds": s} for n, s in self.optimizer.samples],
+            }} if self.optimizer is not None else {}),
             "entries": [
                 {
                     "signature": dict(zip(_SIG_FIELDS, e.signature)),
@@ -191,6 +273,24 @@ class _CollectiveModel(_Strict):
     samples: list[_SampleModel] = []
 
 
+class _P2PModel(_Strict):
+    backend: str
+    latency_s: float = Field(ge=0, allow_inf_nan=False)
+    bandwidth_Bps: float = Field(gt=0, allow_inf_nan=False)
+    samples: list[_SampleModel] = []
+
+
+class _OptimizerSampleModel(_Strict):
+    params: int = Field(ge=1)
+    seconds: float = Field(gt=0)
+
+
+class _OptimizerModel(_Strict):
+    fixed_s: float = Field(ge=0, allow_inf_nan=False)
+    per_param_s: float = Field(ge=0, allow_inf_nan=False)
+    samples: list[_OptimizerSampleModel] = []
+
+
 class _ProfileModel(_Strict):
     schema_version: int
     kind: Literal["spindle-profile"]
@@ -205,6 +305,8 @@ class _ProfileModel(_Strict):
     machine: dict[str, Any]
     elapsed_s: float = Field(default=0.0, ge=0)
     collective: _CollectiveModel
+    p2p: _P2PModel | None = None
+    optimizer: _OptimizerModel | None = None
     entries: list[_EntryModel]
 
 
@@ -213,15 +315,20 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: expected a JSON object at the top level")
     version = data.get("schema_version")
-    if version != PROFILE_SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ProfileError(
             f"{source}: schema_version: unsupported profile version {version!r}"
-            f" (this Spindle reads {PROFILE_SCHEMA_VERSION}); re-run `spindle profile`"
+            f" (this Spindle reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))});"
+            " re-run `spindle profile`"
         )
     try:
         m = _ProfileModel.model_validate(data)
     except ValidationError as err:
         raise ProfileError(format_validation_error(source, err)) from None
+    if m.p2p is None or m.optimizer is None:
+        log.warning("%s: the profile (version %s) has no %s measurement; the simulator uses the"
+                    " hardware preset's figures instead (re-run `spindle profile`)", source,
+                    version, "P2P" if m.p2p is None else "optimizer")
     entries: dict[Signature, ProfileEntry] = {}
     for i, e in enumerate(m.entries):
         s = e.signature
@@ -239,6 +346,12 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
         collective=CollectiveFit(c.backend, c.processes, c.latency_s, c.bandwidth_Bps,
                                  tuple((s.bytes, s.seconds) for s in c.samples)),
         entries=entries, elapsed_s=m.elapsed_s, source=source, schema_version=m.schema_version,
+        p2p=None if m.p2p is None else P2PFit(
+            m.p2p.backend, m.p2p.latency_s, m.p2p.bandwidth_Bps,
+            tuple((s.bytes, s.seconds) for s in m.p2p.samples)),
+        optimizer=None if m.optimizer is None else OptimizerFit(
+            m.optimizer.fixed_s, m.optimizer.per_param_s,
+            tuple((s.params, s.seconds) for s in m.optimizer.samples)),
     )
 
 
@@ -387,12 +500,19 @@ def _free_port() -> int:
 
 
 def _collective_worker(
-    rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int, out: str
+    rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int, out: str,
+    p2p_sizes: tuple[int, ...] = (), optimizer_sets: tuple[tuple[tuple[int, ...], ...], ...] = (),
+    threads: int = 1,
 ) -> None:
+    """One of the spawned gloo processes: all-reduce times for ``sizes``; P2P exchange times for
+    ``p2p_sizes`` (ranks 0 and 1); the runtime's optimizer phase for each parameter set (a
+    tuple of tensor shapes).  Rank 0 writes the *means* to ``out``: gloo over loopback has a
+    heavy tail (a wake-up of its I/O thread can cost a scheduler tick, ~4 ms here, in 10-40% of
+    the calls), and an iteration sums many such calls, so their expected time is what adds up."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -408,50 +528,205 @@ def _collective_worker(
                 t0 = time.perf_counter()
                 dist.all_reduce(t)
                 times.append(time.perf_counter() - t0)
-            results.append((nbytes, statistics.median(times)))
+            results.append((nbytes, statistics.fmean(times)))
+        p2p = [(b, statistics.fmean(_time_p2p(rank, b, repeats))) for b in p2p_sizes] \
+            if rank < 2 else []
+        opt = [(sum(math.prod(sh) for sh in shapes),
+                statistics.fmean(_time_optimizer(shapes, repeats, world)))
+               for shapes in optimizer_sets]
         if rank == 0:
-            Path(out).write_text(json.dumps(results))
+            Path(out).write_text(json.dumps({"allreduce": results, "p2p": p2p, "optimizer": opt}))
     finally:
         dist.destroy_process_group()
+
+
+def _time_p2p(rank: int, nbytes: int, repeats: int) -> list[float]:
+    """Ranks 0 and 1 exchange ``nbytes`` each way with one ``batch_isend_irecv`` (one isend and
+    one irecv per rank, as :class:`spindle.runtime.transmission.Transmitter` packs a boundary
+    between two ranks); the other ranks only join the barriers."""
+    import torch
+    import torch.distributed as dist
+
+    peer = 1 - rank
+    send = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+    recv = torch.empty_like(send)
+
+    def exchange() -> None:
+        ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+    for _ in range(2):
+        exchange()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        exchange()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _time_optimizer(shapes: tuple[tuple[int, ...], ...], repeats: int, world: int) -> list[float]:
+    """The runtime's optimizer phase (:meth:`spindle.runtime.executor.TrainingRun.step`) on a
+    parameter set of ``shapes``: ``zero_grad``, the global gradient norm (a squared norm per
+    gradient, one scalar all-reduce over the world), the clip scaling of every gradient and the
+    ``AdamW(foreach=True)`` step; every process runs it at once, after a barrier."""
+    import torch
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(sh, generator=gen)) for sh in shapes]
+    grads = [torch.randn(sh, generator=gen) * 1e-3 for sh in shapes]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True)
+    max_norm = 1e30  # clip coefficient 1: the same work, gradients keep their scale
+
+    def phase() -> None:
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        total = torch.stack([torch.linalg.vector_norm(g).pow(2) for g in grads]).sum().reshape(1)
+        if world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        coef = torch.clamp(max_norm / (total.sqrt()[0] + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef)
+        opt.step()
+
+    for _ in range(2):
+        phase()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        phase()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _fit_affine(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Non-negative ``y = a + b x`` minimising the relative error (NNLS on scaled columns)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    X = np.array([[1.0, x] for x in xs])
+    y = np.array(ys)
+    w = 1.0 / y
+    scale = np.abs(X * w[:, None]).max(axis=0)
+    sol, _ = nnls(X * w[:, None] / scale, y * w)
+    a, b = (sol / scale).tolist()
+    return float(a), float(b)
 
 
 def fit_collective(
     samples: list[tuple[int, float]], processes: int, backend: str = "gloo"
 ) -> CollectiveFit:
     """Fit ``t = latency + 2 (p - 1) / p * bytes / bandwidth`` (non-negative, relative error)."""
-    import numpy as np
-    from scipy.optimize import nnls
-
     rf = ring_factor(processes)
-    X = np.array([[1.0, rf * b] for b, _ in samples])
-    y = np.array([t for _, t in samples])
-    w = 1.0 / y
-    scale = np.abs(X * w[:, None]).max(axis=0)
-    sol, _ = nnls(X * w[:, None] / scale, y * w)
-    lat, inv_bw = (sol / scale).tolist()
+    lat, inv_bw = _fit_affine([rf * b for b, _ in samples], [t for _, t in samples])
     if inv_bw <= 0:  # no size dependence seen: bound the bandwidth by the largest sample
         b, t = max(samples)
         inv_bw = t / (rf * b)
     return CollectiveFit(backend, processes, lat, 1.0 / inv_bw, tuple(samples))
 
 
-def measure_collective(
-    sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 20, processes: int = 2
-) -> CollectiveFit:
-    """All-reduce times over ``processes`` local gloo processes, fitted to latency + bandwidth."""
+def fit_p2p(samples: list[tuple[int, float]], backend: str = "gloo") -> P2PFit:
+    """Fit ``t = latency + bytes / bandwidth`` to exchange times (non-negative, relative error)."""
+    lat, inv_bw = _fit_affine([float(b) for b, _ in samples], [t for _, t in samples])
+    if inv_bw <= 0:
+        b, t = max(samples)
+        inv_bw = t / b
+    return P2PFit(backend, lat, 1.0 / inv_bw, tuple(samples))
+
+
+def fit_optimizer(samples: list[tuple[int, float]]) -> OptimizerFit:
+    """Fit ``t = fixed + per_param * parameters`` to optimizer-phase times."""
+    fixed, per_param = _fit_affine([float(n) for n, _ in samples], [t for _, t in samples])
+    return OptimizerFit(fixed, per_param, tuple(samples))
+
+
+@dataclass(frozen=True)
+class MachineCosts:
+    """What ``spindle profile`` measures once per machine besides the layers."""
+
+    collective: CollectiveFit
+    p2p: P2PFit | None
+    optimizer: OptimizerFit | None
+
+
+def runtime_parameter_sets(workload: Any) -> tuple[tuple[tuple[int, ...], ...], ...] | None:
+    """Parameter sets for the optimizer measurement made of the runtime's own parameter tensors
+    of ``workload`` (:mod:`spindle.runtime.model`): every 4th, every 2nd, all, and all twice;
+    None when the runtime does not support the workload."""
+    try:
+        from spindle.runtime.model import all_parameter_names, check_supported, parameter_shape
+
+        check_supported(workload)
+        shapes = [tuple(parameter_shape(workload, n)) for n in all_parameter_names(workload)]
+    except Exception as err:  # noqa: BLE001 - any reason the runtime cannot build it
+        log.info("optimizer sets from block shapes (runtime parameters unavailable: %s)", err)
+        return None
+    if not shapes:
+        return None
+    return (tuple(shapes[::4]), tuple(shapes[::2]), tuple(shapes), tuple(shapes * 2))
+
+
+def optimizer_parameter_sets(
+    ops: list[MetaOp], copies: tuple[int, ...] = OPTIMIZER_COPIES
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Parameter sets (tensor shapes) for the optimizer measurement: ``k`` copies of one block
+    of every distinct block shape of ``ops``, for each ``k`` in ``copies`` (so the sets have the
+    workload's mix of tensor sizes: the per-tensor cost is part of the per-parameter slope)."""
+    shapes: list[tuple[int, ...]] = []
+    seen: set[tuple[str, int, int, int]] = set()
+    for op in ops:
+        key = (op.kind, op.hidden, op.heads, op.ffn)
+        if op.is_loss or key in seen:
+            continue
+        seen.add(key)
+        shapes += [tuple(p.shape) for p in build_block(*key).parameters()]
+    if not shapes:
+        shapes = [(256, 256), (256,)]
+    return tuple(tuple(shapes * k) for k in copies)
+
+
+def measure_machine(
+    sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 30, processes: int = 2,
+    p2p_sizes: tuple[int, ...] = P2P_SIZES,
+    optimizer_sets: tuple[tuple[tuple[int, ...], ...], ...] = (), threads: int = 1,
+) -> MachineCosts:
+    """All-reduce, P2P exchange and optimizer-phase times over ``processes`` local gloo
+    processes, each fitted to a fixed plus a proportional cost."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collective.json")
         mp.spawn(
-            _collective_worker, args=(processes, _free_port(), sizes, repeats, out),
+            _collective_worker,
+            args=(processes, _free_port(), sizes, repeats, out, p2p_sizes, optimizer_sets,
+                  threads),
             nprocs=processes, join=True,
         )
-        samples = [(int(b), float(t)) for b, t in json.loads(Path(out).read_text())]
-    fit = fit_collective(samples, processes)
+        raw = json.loads(Path(out).read_text())
+    fit = fit_collective([(int(b), float(t)) for b, t in raw["allreduce"]], processes)
     log.info("gloo all-reduce: latency %.1f us, bus bandwidth %.2f GB/s",
              fit.latency_s * 1e6, fit.bandwidth / 1e9)
-    return fit
+    p2p = fit_p2p([(int(b), float(t)) for b, t in raw["p2p"]]) if raw["p2p"] else None
+    if p2p is not None:
+        log.info("gloo P2P exchange: latency %.1f us, bandwidth %.2f GB/s",
+                 p2p.latency_s * 1e6, p2p.bandwidth / 1e9)
+    opt = fit_optimizer([(int(n), float(t)) for n, t in raw["optimizer"]]) \
+        if raw["optimizer"] else None
+    if opt is not None:
+        log.info("optimizer phase: %.1f us + %.3f ns per parameter",
+                 opt.fixed_s * 1e6, opt.per_param_s * 1e9)
+    return MachineCosts(fit, p2p, opt)
+
+
+def measure_collective(
+    sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 20, processes: int = 2
+) -> CollectiveFit:
+    """All-reduce times over ``processes`` local gloo processes, fitted to latency + bandwidth."""
+    return measure_machine(sizes, repeats, processes, p2p_sizes=()).collective
 
 
 # --- profiling a workload ----------------------------------------------------------------------
@@ -519,6 +794,7 @@ def profile_metaops(
     progress: bool = True,
     workload: str = "",
     workload_fingerprint: str = "",
+    optimizer_sets: tuple[tuple[tuple[int, ...], ...], ...] | None = None,
 ) -> Profile:
     """Measure every distinct signature of ``ops`` at every valid n <= ``devices``."""
     import torch
@@ -545,7 +821,15 @@ def profile_metaops(
                 f" (> --max-seconds {max_seconds:g}); profile a tiny workload or raise the limit"
             )
         start = time.perf_counter()
-        coll = collective or measure_collective(processes=2)
+        p2p: P2PFit | None = None
+        opt: OptimizerFit | None = None
+        if collective is None:
+            costs = measure_machine(
+                processes=2, threads=threads,
+                optimizer_sets=optimizer_sets or optimizer_parameter_sets(ops))
+            coll, p2p, opt = costs.collective, costs.p2p, costs.optimizer
+        else:
+            coll = collective
         measured: dict[Signature, list[ProfilePoint]] = {s: [] for s in groups}
         with tqdm(total=len(jobs), desc="profiling", unit="point", disable=not progress) as bar:
             for op, n in jobs:
@@ -574,7 +858,7 @@ def profile_metaops(
         workload=workload, workload_fingerprint=workload_fingerprint, devices=devices,
         repeats=repeats, threads_per_device=threads, dtype="float32", grad_bytes=4,
         torch_version=torch.__version__, machine=machine_description(threads),
-        collective=coll, entries=entries, elapsed_s=elapsed,
+        collective=coll, entries=entries, elapsed_s=elapsed, p2p=p2p, optimizer=opt,
     )
 
 
@@ -608,7 +892,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
             graph.metaops, args.devices, repeats=args.repeats, warmup=args.warmup,
             max_seconds=args.max_seconds, threads=args.threads,
             progress=not args.no_progress, workload=w.name,
-            workload_fingerprint=w.fingerprint(),
+            workload_fingerprint=w.fingerprint(), optimizer_sets=runtime_parameter_sets(w),
         )
         write_profile(prof, args.out)
     except (WorkloadError, ProfileError) as err:
@@ -618,6 +902,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"wrote {args.out}: {len(prof.entries)} signatures, {npts} points, devices <= {prof.devices},"
         f" {prof.elapsed_s:.1f} s (gloo latency {prof.collective.latency_s * 1e6:.0f} us,"
-        f" {prof.collective.bandwidth / 1e9:.2f} GB/s)\n"
+        f" {prof.collective.bandwidth / 1e9:.2f} GB/s"
+        + (f"; P2P {prof.p2p.latency_s * 1e6:.0f} us, {prof.p2p.bandwidth / 1e9:.2f} GB/s"
+           if prof.p2p else "")
+        + (f"; optimizer {prof.optimizer.fixed_s * 1e3:.2f} ms"
+           f" + {prof.optimizer.per_param_s * 1e9:.1f} ns/param" if prof.optimizer else "")
+        + ")\n"
     )
     return 0

@@ -20,20 +20,37 @@ from a :class:`spindle.cluster.Cluster`, so the placement, the memory model and 
 see the same nodes and bandwidths.  :func:`predicted_send_bytes` is the bytes the runtime sends
 per iteration for a plan (forward + backward, between different devices).
 
+* optimizer: every device then clips its gradients by the global norm (one scalar all-reduce
+  over all ranks) and steps AdamW over the parameters it holds; the slowest device counts.  Its
+  cost is the hardware's memory-bound AdamW time (bytes per parameter / HBM bandwidth) or, with a
+  measured ``cpu`` profile, the measured phase ``fixed + per_param * parameters``.
+
+Send/recv latency: the runtime packs all rows between two ranks into one message each way and
+posts a boundary's messages in one ``batch_isend_irecv``; a boundary is charged one exchange
+latency per peer of its busiest device, in forward and again in backward.
+
 ``schedule_s`` is the planner's own view (sum of wave lengths under ``time``, which includes a
-per-layer data-parallel all-reduce).  ``makespan_s`` is compute + send/recv + sync.
+per-layer data-parallel all-reduce).  ``makespan_s`` is compute + send/recv + sync + optimizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from spindle.cluster import Cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph
 from spindle.memory import executing_devices, parameter_holders
 from spindle.plan import Plan, transfer_rows
+
+if TYPE_CHECKING:
+    from spindle.profiler import Profile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,19 @@ class Links:
     activation_bytes: int = 2
     grad_bytes: int = 2
     inter_node_latency_s: float | None = None
+    # point-to-point exchange at a wave boundary (default: the all-reduce figures)
+    p2p_latency_s: float | None = None
+    p2p_bw: float | None = None
+    # the optimizer phase on one device: fixed + per_param * parameters it holds
+    optimizer_fixed_s: float = 0.0
+    optimizer_per_param_s: float = 0.0
+    # whether optimizer_fixed_s already holds the clip-norm all-reduce (a measured phase does)
+    optimizer_includes_clip: bool = False
+    # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
+    # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
+    # and a P2P exchange of that many bytes each way
+    allreduce_time_of: Callable[[float, int], float] | None = field(default=None, compare=False)
+    p2p_time_of: Callable[[float], float] | None = field(default=None, compare=False)
 
     def node(self, device: int) -> int:
         return device // self.devices_per_node
@@ -60,6 +90,25 @@ class Links:
             return self.inter_node_latency_s
         return self.latency_s
 
+    def p2p_latency(self, inter_node: bool) -> float:
+        """Fixed cost of one batched P2P exchange with one peer."""
+        if self.p2p_latency_s is not None and not inter_node:
+            return self.p2p_latency_s
+        return self.latency(inter_node)
+
+    def p2p_bandwidth(self, a: int, b: int) -> float:
+        if self.p2p_bw is not None and self.node(a) == self.node(b):
+            return self.p2p_bw
+        return self.bandwidth(a, b)
+
+    def optimizer_s(self, params: float, num_devices: int) -> float:
+        """The optimizer phase of a device holding ``params`` parameters: zero_grad, clipping
+        by the global norm (one scalar all-reduce over the ``num_devices`` ranks) and AdamW."""
+        t = self.optimizer_fixed_s + self.optimizer_per_param_s * max(params, 0.0)
+        if not self.optimizer_includes_clip and num_devices > 1:
+            t += self.latency(num_devices > self.devices_per_node)
+        return t
+
     def allreduce_s(self, nbytes: float, group: tuple[int, ...]) -> float:
         """Ring all-reduce, as :meth:`spindle.hardware.HardwareModel.allreduce_time`:
         latency + 2 (n-1)/n of the bytes over the group's slowest link."""
@@ -67,15 +116,25 @@ class Links:
         if n <= 1 or nbytes <= 0:
             return 0.0
         inter = len({self.node(d) for d in group}) > 1
+        if self.allreduce_time_of is not None and not inter:
+            return self.allreduce_time_of(nbytes, n)
         bw = self.inter_node_bw if inter else self.intra_node_bw
         return self.latency(inter) + 2.0 * (n - 1) / n * nbytes / bw
 
 
-def links_for_cluster(cluster: Cluster, activation_bytes: int | None = None) -> Links:
+def links_for_cluster(
+    cluster: Cluster, activation_bytes: int | None = None, profile: "Profile | None" = None
+) -> Links:
     """The simulator's view of ``cluster``: its nodes, bandwidths and latencies; activations in
-    the cluster precision's element size (2 for bf16, 4 for fp32) unless given."""
+    the cluster precision's element size (2 for bf16, 4 for fp32) unless given.
+
+    The optimizer phase is the hardware's memory-bound AdamW step
+    (:meth:`spindle.hardware.HardwareModel.optimizer_time`).  With a measured ``profile`` of the
+    ``cpu`` preset (gloo processes on this machine), the profile's measurements replace the
+    preset's placeholders: the all-reduce latency and bus bandwidth, the P2P exchange latency
+    and bandwidth, and the optimizer phase (``fixed + per_param * parameters``)."""
     hw = cluster.hardware
-    return Links(
+    links = Links(
         devices_per_node=cluster.devices_per_node,
         intra_node_bw=hw.intra_node_bandwidth,
         inter_node_bw=hw.inter_node_bandwidth,
@@ -83,7 +142,28 @@ def links_for_cluster(cluster: Cluster, activation_bytes: int | None = None) -> 
         activation_bytes=activation_bytes or cluster.memory_model().activation_bytes,
         grad_bytes=hw.grad_bytes,
         inter_node_latency_s=hw.inter_node_latency_s,
+        optimizer_per_param_s=hw.optimizer_time(1.0),
     )
+    if profile is None:
+        return links
+    if hw.name != "cpu":
+        log.info("profile %s: its gloo/optimizer measurements are of this machine, not of %s;"
+                 " the simulator keeps the %s preset's links", profile.source, hw.name, hw.name)
+        return links
+    c = profile.collective
+    updates: dict[str, object] = dict(
+        intra_node_bw=c.bandwidth, inter_node_bw=c.bandwidth, latency_s=c.latency_s,
+        inter_node_latency_s=c.latency_s, grad_bytes=profile.grad_bytes,
+    )
+    if profile.p2p is not None:
+        updates.update(p2p_latency_s=profile.p2p.latency_s, p2p_bw=profile.p2p.bandwidth,
+                       p2p_time_of=profile.p2p.exchange_time)
+    updates["allreduce_time_of"] = c.measured_allreduce_time
+    if profile.optimizer is not None:
+        updates.update(optimizer_fixed_s=profile.optimizer.fixed_s,
+                       optimizer_per_param_s=profile.optimizer.per_param_s,
+                       optimizer_includes_clip=True)
+    return dataclasses.replace(links, **updates)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -97,10 +177,13 @@ class SimulationResult:
     send_recv_bytes_inter: float
     wave_compute_s: list[float] = field(default_factory=list)
     device_busy_s: list[float] = field(default_factory=list)
+    optimizer_s: float = 0.0  # the slowest device's optimizer phase (clip + AdamW step)
+    send_recv_latency_s: float = 0.0  # the part of send_recv_s that is per-exchange latency
+    device_params: list[float] = field(default_factory=list)
 
     @property
     def makespan_s(self) -> float:
-        return self.compute_s + self.send_recv_s + self.sync_s
+        return self.compute_s + self.send_recv_s + self.sync_s + self.optimizer_s
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -110,6 +193,7 @@ class SimulationResult:
             "send_recv_s": self.send_recv_s,
             "send_recv_bytes": self.send_recv_bytes,
             "param_sync_s": self.sync_s,
+            "optimizer_s": self.optimizer_s,
         }
 
 
@@ -164,6 +248,8 @@ class Communication:
     bytes_total: float  # forward + backward, between different devices
     bytes_intra: float
     bytes_inter: float
+    latency_s: float = 0.0  # the per-exchange latency part of send_recv_s
+    exchanges: int = 0  # forward + backward: boundary x peer-exchanges of the busiest device
 
     @property
     def time_s(self) -> float:
@@ -173,28 +259,47 @@ class Communication:
 def communication(plan: Plan, graph: MetaGraph, links: Links) -> Communication:
     """Send/recv time and bytes of every wave boundary (forward, then the same volume of
     gradients back) and the parameter-sync time of the plan's device groups."""
-    send_recv = 0.0
+    send_recv = latency = 0.0
+    exchanges = 0
     total = intra = inter = 0.0
     for moves in inter_wave_transfers(plan, graph):
         if not moves:
             continue
         out_t: dict[int, float] = defaultdict(float)
         in_t: dict[int, float] = defaultdict(float)
+        peers: dict[int, set[int]] = defaultdict(set)
+        directed: dict[tuple[int, int], float] = defaultdict(float)
         crosses = False
         for sd, dd, elems in moves:
             nbytes = elems * links.activation_bytes
             total += nbytes
             if links.node(sd) == links.node(dd):
                 intra += nbytes
-                t = nbytes / links.intra_node_bw
             else:
                 inter += nbytes
                 crosses = True
-                t = nbytes / links.inter_node_bw
+            t = nbytes / links.p2p_bandwidth(sd, dd)
             out_t[sd] += t
             in_t[dd] += t
-        boundary = links.latency(crosses) + max(max(out_t.values()), max(in_t.values()))
+            peers[sd].add(dd)
+            peers[dd].add(sd)
+            directed[(sd, dd)] += nbytes
+        # the runtime packs everything between two ranks into one message each way and posts a
+        # boundary's messages in one batch_isend_irecv: one exchange latency per peer
+        n_peer = max(len(p) for p in peers.values())
+        lat = links.p2p_latency(crosses) * n_peer
+        boundary = lat + max(max(out_t.values()), max(in_t.values()))
+        if links.p2p_time_of is not None and not crosses:
+            # measured exchanges: each pair's larger direction, a device's pairs one after another
+            per_device: dict[int, float] = defaultdict(float)
+            for a, b in {tuple(sorted(k)) for k in directed}:
+                t = links.p2p_time_of(max(directed.get((a, b), 0.0), directed.get((b, a), 0.0)))
+                per_device[a] += t
+                per_device[b] += t
+            boundary = max(per_device.values())
         send_recv += 2 * boundary  # forward activations, then the same volume of gradients back
+        latency += 2 * lat
+        exchanges += 2 * n_peer
 
     per_device_sync: dict[int, float] = defaultdict(float)
     for group, nparams in parameter_groups(plan, graph).items():
@@ -202,7 +307,23 @@ def communication(plan: Plan, graph: MetaGraph, links: Links) -> Communication:
         for d in group:
             per_device_sync[d] += t
     sync = max(per_device_sync.values(), default=0.0)
-    return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter)
+    return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
+
+
+def device_parameters(plan: Plan, graph: MetaGraph) -> list[float]:
+    """Parameters each device holds (and steps in its optimizer): the sum of its pools."""
+    held = [0.0] * plan.num_devices
+    for group, nparams in parameter_groups(plan, graph).items():
+        for d in group:
+            held[d] += nparams
+    return held
+
+
+def optimizer_time(plan: Plan, graph: MetaGraph, links: Links) -> float:
+    """The optimizer phase of the iteration: the slowest device's clip + AdamW step over the
+    parameters it holds (every rank steps at once; the clip all-reduce waits for the slowest)."""
+    held = device_parameters(plan, graph)
+    return max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0), default=0.0)
 
 
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -> SimulationResult:
@@ -224,8 +345,12 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
         compute += comp_w
         wave_compute.append(comp_w)
     comm = communication(plan, graph, links)
+    held = device_parameters(plan, graph)
     return SimulationResult(
         schedule_s=schedule, compute_s=compute, send_recv_s=comm.send_recv_s, sync_s=comm.sync_s,
         send_recv_bytes=comm.bytes_total, send_recv_bytes_intra=comm.bytes_intra,
         send_recv_bytes_inter=comm.bytes_inter, wave_compute_s=wave_compute, device_busy_s=busy,
+        optimizer_s=max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0),
+                        default=0.0),  # as optimizer_time(plan, graph, links)
+        send_recv_latency_s=comm.latency_s, device_params=held,
     )

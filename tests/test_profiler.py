@@ -190,3 +190,64 @@ def test_load_profile_file_errors(tmp_path: Path) -> None:
     p.write_text(json.dumps(_valid_profile()))
     prof = load_profile(p)
     assert len(prof.entries) == 1 and issubclass(ProfileError, ValueError)
+
+
+def test_real_profile_measures_p2p_and_the_optimizer(clip_profile: tuple[Path, float]) -> None:
+    raw = json.loads(clip_profile[0].read_text())
+    assert raw["schema_version"] == 2
+    prof = load_profile(clip_profile[0])
+    assert prof.p2p is not None and prof.optimizer is not None
+    assert prof.p2p.latency_s >= 0 and prof.p2p.bandwidth > 0 and len(prof.p2p.samples) >= 2
+    # the optimizer sets are the runtime's own parameter tensors: 1/4, 1/2, all, twice
+    params = [n for n, _ in prof.optimizer.samples]
+    assert params == sorted(params) and params[-1] == 2 * params[-2]
+    assert prof.optimizer.step_time(2e5) > prof.optimizer.step_time(1e4) > 0
+    assert prof.optimizer.step_time(0) == 0.0
+
+
+def test_version_1_profile_still_loads_without_the_new_measurements(tmp_path: Path) -> None:
+    data = _valid_profile()
+    data["schema_version"] = 1
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps(data))
+    prof = load_profile(p)
+    assert prof.p2p is None and prof.optimizer is None and prof.schema_version == 1
+
+
+def test_version_2_profile_round_trips_the_new_measurements(tmp_path: Path) -> None:
+    data = _valid_profile()
+    data["p2p"] = {"backend": "gloo", "latency_s": 2e-4, "bandwidth_Bps": 2e9,
+                   "samples": [{"bytes": 4096, "seconds": 2e-4}, {"bytes": 1 << 20, "seconds": 7e-4}]}
+    data["optimizer"] = {"fixed_s": 1e-3, "per_param_s": 3e-8,
+                         "samples": [{"params": 1000, "seconds": 1.03e-3}]}
+    p = tmp_path / "v2.json"
+    p.write_text(json.dumps(data))
+    prof = load_profile(p)
+    assert prof.optimizer is not None and prof.optimizer.step_time(1e5) == pytest.approx(4e-3)
+    assert prof.p2p is not None
+    # measured samples are interpolated, beyond the largest the fitted bandwidth applies
+    assert prof.p2p.exchange_time(4096) == pytest.approx(2e-4)
+    mid = (4096 + (1 << 20)) / 2
+    assert prof.p2p.exchange_time(mid) == pytest.approx((2e-4 + 7e-4) / 2)
+    assert prof.p2p.exchange_time(2 << 20) == pytest.approx(7e-4 + (1 << 20) / 2e9)
+    again = tmp_path / "again.json"
+    from spindle.profiler import write_profile
+
+    write_profile(prof, again)
+    back = load_profile(again)
+    assert back.p2p == prof.p2p and back.optimizer == prof.optimizer
+    data["optimizer"]["per_param_s"] = -1.0
+    p.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="optimizer.per_param_s"):
+        load_profile(p)
+
+
+def test_fit_optimizer_and_p2p_recover_their_lines() -> None:
+    from spindle.profiler import fit_optimizer, fit_p2p
+
+    opt = fit_optimizer([(n, 1e-3 + 3e-8 * n) for n in (10_000, 20_000, 40_000, 80_000)])
+    assert opt.fixed_s == pytest.approx(1e-3, rel=1e-3)
+    assert opt.per_param_s == pytest.approx(3e-8, rel=1e-3)
+    p2p = fit_p2p([(b, 1.5e-4 + b / 2e9) for b in (4096, 65536, 1 << 20)])
+    assert p2p.latency_s == pytest.approx(1.5e-4, rel=1e-3)
+    assert p2p.bandwidth == pytest.approx(2e9, rel=1e-3)

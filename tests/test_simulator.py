@@ -91,3 +91,82 @@ def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
         assert predicted_send_bytes(plan, g, 4) == pytest.approx(8 * sum(e for *_, e in sim))
         moved += predicted_send_bytes(plan, g, 4)
     assert moved > 0
+
+
+def _split_plan(w, g):
+    """Every MetaOp on devices (0, 1) except the contrastive losses (device 0)."""
+    waves = []
+    for m in g.metaops:
+        devs = (0,) if m.is_loss else (0, 1)
+        waves.append(Wave((Slice(m.id, 0, m.num_layers, devs, 1.0),)))
+    return _plan(w, g, waves, 2)
+
+
+def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
+    from spindle.simulator import device_parameters, optimizer_time
+
+    w, g, est = clip
+    links = Links(2, 100.0, 10.0, optimizer_fixed_s=1e-3, optimizer_per_param_s=1e-8,
+                  optimizer_includes_clip=True)
+    waves = [Wave((Slice(m.id, 0, m.num_layers, (0,), 1.0),)) for m in g.metaops]
+    one = _plan(w, g, waves, 2)  # device 0 holds everything, device 1 nothing
+    held = device_parameters(one, g)
+    assert held[1] == 0 and held[0] == pytest.approx(sum(parameter_groups(one, g).values()))
+    r = simulate(one, g, est, links)
+    assert r.optimizer_s == pytest.approx(1e-3 + 1e-8 * held[0])
+    assert r.makespan_s == pytest.approx(r.compute_s + r.send_recv_s + r.sync_s + r.optimizer_s)
+    # half the MetaOps on device 1: the busiest device holds fewer parameters, a shorter step
+    waves2 = [Wave((Slice(m.id, 0, m.num_layers, (i % 2,), 1.0),))
+              for i, m in enumerate(g.metaops)]
+    two = _plan(w, g, waves2, 2)
+    assert max(device_parameters(two, g)) < held[0]
+    assert optimizer_time(two, g, links) < r.optimizer_s
+    # without a measured phase the clip all-reduce latency is added (2 devices)
+    plain = Links(2, 100.0, 10.0, latency_s=5e-4, optimizer_per_param_s=1e-8)
+    assert optimizer_time(one, g, plain) == pytest.approx(5e-4 + 1e-8 * held[0])
+
+
+def test_p2p_latency_counts_one_exchange_per_peer_per_boundary_and_direction(clip):
+    from spindle.runtime.transmission import TransmissionSchedule
+    from spindle.simulator import communication
+
+    w, g, est = clip
+    p = _split_plan(w, g)
+    # boundaries with a message between two ranks, as the runtime's schedule has them
+    sched = TransmissionSchedule.build(p)
+    boundaries = {e.consumer.wave for e in sched.edges if any(not q.is_local for q in e.pieces)}
+    lat = 1e-3
+    links = Links(2, 1e30, 1e30, p2p_latency_s=lat, p2p_bw=1e30)
+    c = communication(p, g, links)
+    # 2 ranks: one peer; forward and backward each pay one exchange per boundary
+    assert c.exchanges == 2 * len(boundaries) > 0
+    assert c.latency_s == pytest.approx(lat * c.exchanges)
+    assert c.send_recv_s == pytest.approx(lat * c.exchanges)
+
+
+def test_links_use_the_measured_profile_on_cpu_only():
+    from spindle.cluster import load_cluster
+    from spindle.profiler import CollectiveFit, OptimizerFit, P2PFit, Profile
+    from spindle.simulator import links_for_cluster
+
+    prof = Profile("w", "", 2, 3, 1, "float32", 4, "2.x", {},
+                   CollectiveFit("gloo", 2, 3e-4, 2e9, ((4096, 3e-4), (1 << 20, 9e-4))), {},
+                   p2p=P2PFit("gloo", 1.5e-4, 2.5e9), optimizer=OptimizerFit(1e-3, 3e-8))
+    cpu = links_for_cluster(load_cluster("cpu", num_devices=2), profile=prof)
+    assert cpu.latency_s == 3e-4 and cpu.intra_node_bw == 2e9
+    assert cpu.p2p_latency_s == 1.5e-4 and cpu.p2p_bw == 2.5e9
+    assert cpu.optimizer_s(1e5, 2) == pytest.approx(1e-3 + 3e-8 * 1e5)  # clip all-reduce inside
+    # the all-reduce is read off the measured samples (2 processes: the bytes themselves)
+    assert cpu.allreduce_s(4096, (0, 1)) == pytest.approx(3e-4)
+    a800 = links_for_cluster(load_cluster("a800", num_devices=8), profile=prof)
+    assert a800.p2p_latency_s is None and a800.optimizer_fixed_s == 0.0
+    # the GPU preset's AdamW: 28 bytes per parameter over the HBM bandwidth (2.039 TB/s)
+    assert a800.optimizer_per_param_s == pytest.approx(28 / 2.039e12)
+
+
+def test_paper_scale_optimizer_term_stays_small():
+    from spindle.planning import make_context, evaluate
+
+    r = evaluate(make_context("multitask-clip-4", 8, 8, "a800"), "spindle")
+    assert 0 < r.simulation.optimizer_s < 0.25 * r.simulation.makespan_s
+    assert r.plan.estimates["optimizer_s"] == r.simulation.optimizer_s
