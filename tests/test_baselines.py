@@ -7,7 +7,6 @@ import pytest
 from spindle.baselines import distmm_mt, optimus, sequential, uniform
 from spindle.estimator import TableEstimator
 from spindle.graph import MetaGraph, contract
-from spindle.plan import Plan, Slice, Wave, plan_metaops, validate_plan
 from spindle.planners import (
     PLANNERS,
     PlanningError,
@@ -18,19 +17,7 @@ from spindle.planners import (
 )
 from spindle.schedule import WaveSpec, schedule_length
 from spindle.workload import load_workload
-
-
-def validate_placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> None:
-    """Place contiguously (devices 0..n-1, n..., per wave) and run the plan validator."""
-    out = []
-    for w in waves:
-        nxt, slices = 0, []
-        for s in w.slices:
-            slices.append(Slice(s.metaop, s.layer_start, s.layer_end,
-                                tuple(range(nxt, nxt + s.n)), s.time_s))
-            nxt += s.n
-        out.append(Wave(tuple(slices), w.level))
-    validate_plan(Plan("t", "t", "0", num_devices, 1, "", plan_metaops(graph), tuple(out)), graph)
+from tests.placed import validate_placed
 
 
 def _slices(waves: list[WaveSpec]) -> list[list[tuple[int, int, int]]]:

@@ -12,10 +12,10 @@ from spindle.allocator import allocate_level, scaling_curves
 from spindle.bounds import global_lower_bound, level_lower_bound
 from spindle.estimator import TableEstimator
 from spindle.graph import MetaGraph
-from spindle.plan import Plan, Slice, Wave, plan_metaops, validate_plan
 from spindle.planners import PLANNERS, check_waves, synthetic_graph
-from spindle.schedule import WaveSpec, schedule_length
+from spindle.schedule import schedule_length
 from spindle.scheduler import SchedulerOptions, wavefront_schedule
+from tests.placed import validate_placed
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -59,18 +59,6 @@ def problems(draw: st.DrawFn) -> Problem:
                    num_devices)
 
 
-def _placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> None:
-    out = []
-    for w in waves:
-        nxt, slices = 0, []
-        for s in w.slices:
-            slices.append(Slice(s.metaop, s.layer_start, s.layer_end,
-                                tuple(range(nxt, nxt + s.n)), s.time_s))
-            nxt += s.n
-        out.append(Wave(tuple(slices), w.level))
-    validate_plan(Plan("p", "p", "0", num_devices, 1, "", plan_metaops(graph), tuple(out)), graph)
-
-
 @SETTINGS
 @given(problems())
 def test_every_planner_is_valid_and_above_the_lower_bound(p: Problem):
@@ -78,7 +66,7 @@ def test_every_planner_is_valid_and_above_the_lower_bound(p: Problem):
     for name, planner in PLANNERS.items():
         waves = planner(p.graph, p.estimator, p.num_devices)
         check_waves(waves, p.graph, p.estimator, p.num_devices, source=name)
-        _placed(waves, p.graph, p.num_devices)
+        validate_placed(waves, p.graph, p.num_devices)
         assert schedule_length(waves) >= lb * (1 - 1e-9), name
 
 
