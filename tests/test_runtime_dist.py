@@ -34,8 +34,7 @@ from spindle.runtime.param_groups import build_pools
 from spindle.runtime.transmission import TransmissionSchedule, split_rows
 from spindle.workload import load_workload
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_equivalence import (  # noqa: E402  (shared plan helpers and launching)
+from tests.test_equivalence import (  # shared plan helpers and launching
     REPO,
     WORKLOADS,
     demanding_mixed_plan,
