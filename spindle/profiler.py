@@ -1,10 +1,15 @@
 """``spindle profile``: measure T_m(n) points of a workload's MetaOps with PyTorch on this machine.
 
 For every distinct MetaOp signature (kind, hidden, heads, ffn, tokens, memory_tokens, batch) and
-every valid device count n up to ``--devices``, one transformer block of that shape (a minimal,
-self-contained block written here; a contrastive loss is a B x B similarity + cross entropy) runs
-forward + backward at the per-device batch ``batch / n``: a few warm-up runs, then the median of
-``--repeats`` timed runs is the point's ``compute_s``.  The gradient synchronisation is measured
+every valid device count n up to ``--devices``, one MetaOp of that signature runs forward +
+backward at the per-device batch ``batch / n`` exactly as the runtime computes it (schema version
+3, ``measurement: chain``): its whole chain of :func:`spindle.runtime.model.run_operator` calls,
+with the runtime's parameters, raw input rows and random stand-ins for the producers' outputs
+(:func:`time_chain`); a few warm-up runs, then the median of ``--repeats`` timed runs divided by
+the chain's layers is the point's per-layer ``compute_s``, light parts included.  Torch runs
+with the threads one torchrun rank gets (:func:`default_threads`).  A workload the runtime
+cannot compute falls back to a bare block of the signature (``measurement: block``, as in
+versions 1 and 2, which the estimator scales by the layer's FLOPs).  The gradient synchronisation is measured
 once: gloo all-reduce over 2 local processes for a few message sizes, fitted as
 ``latency + bytes / bandwidth``; each point's ``sync_s`` is that model's ring all-reduce of the
 block's own gradients over n devices (the estimator re-applies the measured collective model
@@ -51,8 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no P2P / optimizer measurements (None)
+PROFILE_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1: no P2P / optimizer (None); 1, 2: bare-block entries
+MEASUREMENTS = ("block", "chain")
 PROFILE_KIND = "spindle-profile"
 COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 P2P_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
@@ -150,8 +156,11 @@ class ProfileEntry:
     signature: Signature
     metaops: tuple[str, ...]  # MetaOp names that have this signature (for humans)
     params_per_layer: int
-    flops_per_layer: float
+    flops_per_layer: float  # FLOPs per layer of what was timed (a chain: light parts included)
     points: tuple[ProfilePoint, ...]
+    # "chain": the MetaOp's whole chain of runtime operators timed, divided by its layers (used
+    # as is); "block": a bare block (versions 1, 2; scaled by the layer's FLOPs by the estimator)
+    measurement: str = "block"
 
 
 @dataclass
@@ -213,6 +222,7 @@ class Profile:
                     "metaops": list(e.metaops),
                     "params_per_layer": e.params_per_layer,
                     "flops_per_layer": e.flops_per_layer,
+                    "measurement": e.measurement,
                     "points": [
                         {"n": p.n, "compute_s": p.compute_s, "sync_s": p.sync_s} for p in e.points
                     ],
@@ -251,6 +261,7 @@ class _EntryModel(_Strict):
     params_per_layer: int = Field(ge=1)
     flops_per_layer: float = Field(gt=0)
     points: list[_PointModel] = Field(min_length=1)
+    measurement: Literal["block", "chain"] = "block"
 
     @model_validator(mode="after")
     def _check(self) -> "_EntryModel":
@@ -337,7 +348,10 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
             raise ProfileError(f"{source}: entries.{i}.signature: duplicate signature {sig}")
         pts = tuple(sorted((ProfilePoint(p.n, p.compute_s, p.sync_s) for p in e.points),
                            key=lambda p: p.n))
-        entries[sig] = ProfileEntry(sig, tuple(e.metaops), e.params_per_layer, e.flops_per_layer, pts)
+        if e.measurement == "chain" and m.schema_version < 3:
+            raise ProfileError(f"{source}: entries.{i}.measurement: 'chain' needs schema_version 3")
+        entries[sig] = ProfileEntry(sig, tuple(e.metaops), e.params_per_layer, e.flops_per_layer,
+                                    pts, e.measurement)
     c = m.collective
     return Profile(
         workload=m.workload, workload_fingerprint=m.workload_fingerprint, devices=m.devices,
@@ -488,6 +502,110 @@ def time_metaop(op: MetaOp, n: int, warmup: int = 2, repeats: int = 5) -> float:
         block(x, mem).backward(grad_out)
 
     return _time_call(step, warmup, repeats)
+
+
+# --- the measured chains: the runtime's own operators ------------------------------------------
+
+
+def _stage_output(workload: Any, task: Any, stage: str, rows: int, gen: "torch.Generator"
+                  ) -> tuple["torch.Tensor", ...]:
+    """A random stand-in for the output of ``stage`` of ``task`` on ``rows`` rows, shaped as
+    :func:`spindle.runtime.model.run_operator` returns it: the contrastive embedding
+    [rows, output_dim] of a loss input, else the final hidden states [rows, tokens, hidden]."""
+    import torch
+
+    from spindle.runtime.model import find_stage, is_contrastive_input
+
+    st = find_stage(task, stage)
+    comp = workload.components[st.component]
+    if is_contrastive_input(task, stage):
+        shape: tuple[int, ...] = (rows, int(comp.output_dim or 0))
+    else:
+        shape = (rows, workload.stage_output_tokens(task)[stage], comp.hidden)
+    return (torch.randn(shape, generator=gen).requires_grad_(True),)
+
+
+def time_chain(workload: Any, op: MetaOp, n: int, warmup: int = 2, repeats: int = 5,
+               seed: int = 0) -> float:
+    """Median seconds of forward + backward of the WHOLE chain of ``op`` as the runtime computes
+    it (:func:`spindle.runtime.model.run_operator` per layer, fed as
+    :meth:`spindle.runtime.executor.WaveExecutor._run_slice` feeds a slice: the carry, the
+    stage inputs of the producers, the raw input rows, the task's global batch), on the
+    ``op.batch / n`` rows of one device (a contrastive loss: the whole batch), divided by the
+    chain's number of layers: the per-layer compute time at n, light parts included."""
+    import torch
+
+    from spindle.runtime.data import make_raw
+    from spindle.runtime.model import (
+        LOSS_STAGE, init_parameter, is_loss_operator, needs_raw, operator_input_stages,
+        parameter_names, parameter_shape, run_operator, stage_context,
+    )
+
+    rows = op.batch if op.is_loss else max(op.batch // n, 1)
+    task = workload.task(op.task)
+    gen = torch.Generator().manual_seed(seed)
+    names = sorted({name for ref in op.layers for name in parameter_names(workload, ref)})
+    params = {name: init_parameter(name, tuple(parameter_shape(workload, name)), seed)
+              .requires_grad_(True) for name in names}
+    raws: dict[str, torch.Tensor | None] = {}
+    for ref in op.layers:
+        if ref.stage not in raws and not is_loss_operator(ref) and needs_raw(workload, ref):
+            full = make_raw(workload, ref.task, ref.stage, 0, seed)
+            raws[ref.stage] = None if full is None else full[:rows].contiguous()
+    first = op.layers[0]
+    leaves: dict[str, tuple[torch.Tensor, ...]] = {}
+    carry0: tuple[torch.Tensor, ...] | None = None
+    if is_loss_operator(first) or first.layer == 0:
+        leaves = {s: _stage_output(workload, task, s, rows, gen)
+                  for s in operator_input_stages(workload, first)}
+    else:  # a chain starting inside a stage: the previous layer's (x[, memory]) as the carry
+        _, st, comp = stage_context(workload, first)
+        x = torch.randn(rows, workload.stage_tokens(task)[st.name], comp.hidden, generator=gen)
+        carry0 = (x,) if st.memory is None else (x, torch.randn(
+            rows, workload.stage_output_tokens(task)[st.memory], comp.hidden, generator=gen))
+        carry0 = tuple(t.requires_grad_(True) for t in carry0)
+    inputs = [t for act in leaves.values() for t in act] + list(carry0 or ())
+    grads: list[torch.Tensor] = []
+
+    def forward() -> Any:
+        prev: Any = carry0
+        for j, ref in enumerate(op.layers):
+            carry, stage_inputs = None, {}
+            if ref.stage == LOSS_STAGE or ref.layer == 0:
+                stage_inputs = leaves if j == 0 else {op.layers[j - 1].stage: prev}
+            else:
+                carry = prev
+            raw = raws.get(ref.stage) if not is_loss_operator(ref) and needs_raw(workload, ref) \
+                else None
+            prev = run_operator(workload, ref, params, carry, stage_inputs, raw, op.batch)
+        return prev
+
+    def step() -> None:
+        for t in (*params.values(), *inputs):
+            t.grad = None
+        out = forward()
+        roots = [out] if isinstance(out, torch.Tensor) else [t for t in out if t.requires_grad]
+        if not grads:
+            grads.extend(torch.randn(r.shape, generator=gen) if r.dim() else torch.ones_like(r)
+                         for r in roots)
+        torch.autograd.backward(roots, grads)
+
+    return _time_call(step, warmup, repeats) / op.num_layers
+
+
+def chain_workload(workload: Any) -> Any | None:
+    """``workload`` if the runtime model can compute it (then the profiler times the runtime's
+    own operators), else None (the bare blocks are timed instead)."""
+    if workload is None:
+        return None
+    try:
+        from spindle.runtime.model import check_supported
+
+        check_supported(workload)
+    except Exception as err:  # noqa: BLE001 - any reason the runtime cannot build it
+        log.warning("timing bare blocks (the runtime cannot compute the workload: %s)", err)
+        return None
+    return workload
 
 
 # --- the collective ----------------------------------------------------------------------------
@@ -777,10 +895,14 @@ def _calibrate_flops() -> float:
 
 
 def estimate_profile_seconds(
-    jobs: list[tuple[MetaOp, int]], flops_rate: float, warmup: int, repeats: int
+    jobs: list[tuple[MetaOp, int]], flops_rate: float, warmup: int, repeats: int,
+    chain: bool = False,
 ) -> float:
-    """A lower-bound guess of the profiling time: FLOPs at the measured matmul rate."""
-    return sum(block_flops(op) / n for op, n in jobs) * (warmup + repeats) / flops_rate
+    """A lower-bound guess of the profiling time: FLOPs at the measured matmul rate (of the
+    bare blocks, or with ``chain`` of the MetaOps' whole chains, light parts included)."""
+    flops = (lambda op: op.flops_per_layer * op.num_layers) if chain else block_flops
+    return sum(flops(op) / (1 if op.is_loss else n) for op, n in jobs) \
+        * (warmup + repeats) / flops_rate
 
 
 def profile_metaops(
@@ -795,8 +917,13 @@ def profile_metaops(
     workload: str = "",
     workload_fingerprint: str = "",
     optimizer_sets: tuple[tuple[tuple[int, ...], ...], ...] | None = None,
+    runtime_workload: Any = None,
 ) -> Profile:
-    """Measure every distinct signature of ``ops`` at every valid n <= ``devices``."""
+    """Measure every distinct signature of ``ops`` at every valid n <= ``devices``: with
+    ``runtime_workload`` (the :class:`spindle.workload.Workload` of ``ops``, when the runtime
+    can compute it) each MetaOp's whole chain of runtime operators (:func:`time_chain`), else
+    the bare block (:func:`time_metaop`).  ``threads``: torch threads while measuring, by
+    default what one rank gets under torchrun (:func:`default_threads`)."""
     import torch
     from tqdm import tqdm
 
@@ -804,8 +931,14 @@ def profile_metaops(
         raise ProfileError(f"--devices must be >= 1 (got {devices})")
     if repeats < 1:
         raise ProfileError(f"--repeats must be >= 1 (got {repeats})")
-    threads = threads or max(1, (os.cpu_count() or 1) // devices)
+    threads = threads or default_threads(devices)
+    chain_w = chain_workload(runtime_workload)
     groups = _distinct_metaops(ops)
+    if chain_w is not None:
+        for group in groups.values():
+            if len({o.flops_per_layer for o in group}) > 1:
+                log.info("MetaOps %s share a signature but not their light parts; timing the"
+                         " chain of %s", [o.name for o in group], group[0].name)
     jobs = [
         (group[0], n)
         for group in groups.values()
@@ -814,7 +947,8 @@ def profile_metaops(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        guess = estimate_profile_seconds(jobs, _calibrate_flops(), warmup, repeats)
+        guess = estimate_profile_seconds(jobs, _calibrate_flops(), warmup, repeats,
+                                         chain=chain_w is not None)
         if guess > max_seconds:
             raise ProfileError(
                 f"profiling {len(jobs)} points would take at least ~{guess:.0f} s on this machine"
@@ -831,8 +965,26 @@ def profile_metaops(
         else:
             coll = collective
         measured: dict[Signature, list[ProfilePoint]] = {s: [] for s in groups}
-        with tqdm(total=len(jobs), desc="profiling", unit="point", disable=not progress) as bar:
-            for op, n in jobs:
+        ranks = concurrent_ranks(devices, threads)
+        if chain_w is not None and ranks > 1:
+            # every point timed on `ranks` processes at once, as the ranks of a run compute
+            budget = max_seconds - (time.perf_counter() - start)
+            times = measure_chains(chain_w, jobs, warmup, repeats, threads, ranks, budget)
+            if len(times) < len(jobs):
+                elapsed = time.perf_counter() - start
+                raise ProfileError(
+                    f"profiling stopped after {elapsed:.0f} s (> --max-seconds {max_seconds:g})"
+                    f" with {len(times)}/{len(jobs)} points done"
+                )
+            for (op, n), compute in zip(jobs, times):
+                sync = coll.allreduce_time(op.params_per_layer * 4, n)
+                measured[signature(op)].append(ProfilePoint(n, compute, sync))
+            jobs_left: list[tuple[MetaOp, int]] = []
+        else:
+            jobs_left = jobs
+        with tqdm(total=len(jobs_left), desc="profiling", unit="point",
+                  disable=not progress or not jobs_left) as bar:
+            for op, n in jobs_left:
                 elapsed = time.perf_counter() - start
                 if elapsed > max_seconds:
                     raise ProfileError(
@@ -840,7 +992,8 @@ def profile_metaops(
                         f" with {bar.n}/{len(jobs)} points done"
                     )
                 bar.set_postfix_str(f"{op.name} n={n}", refresh=False)
-                compute = time_metaop(op, n, warmup, repeats)
+                compute = (time_metaop(op, n, warmup, repeats) if chain_w is None
+                           else time_chain(chain_w, op, n, warmup, repeats))
                 sync = coll.allreduce_time(op.params_per_layer * 4, n)
                 measured[signature(op)].append(ProfilePoint(n, compute, sync))
                 bar.update()
@@ -850,7 +1003,8 @@ def profile_metaops(
     entries = {
         sig: ProfileEntry(
             sig, tuple(o.name for o in group), group[0].params_per_layer,
-            block_flops(group[0]), tuple(measured[sig]),
+            block_flops(group[0]) if chain_w is None else group[0].flops_per_layer,
+            tuple(measured[sig]), "block" if chain_w is None else "chain",
         )
         for sig, group in groups.items()
     }
@@ -860,6 +1014,72 @@ def profile_metaops(
         torch_version=torch.__version__, machine=machine_description(threads),
         collective=coll, entries=entries, elapsed_s=elapsed, p2p=p2p, optimizer=opt,
     )
+
+
+def concurrent_ranks(devices: int, threads: int) -> int:
+    """How many ranks of a ``devices``-rank run on this machine compute at once: the chains are
+    timed on that many processes simultaneously (they share the cores' caches and memory
+    bandwidth as the ranks do)."""
+    return max(1, min(devices, (os.cpu_count() or 1) // max(threads, 1)))
+
+
+def _chain_worker(
+    rank: int, world: int, port: int, workload: Any, jobs: list[tuple[MetaOp, int]],
+    warmup: int, repeats: int, threads: int, budget_s: float, out: str,
+) -> None:
+    """One of ``world`` processes timing every chain job at the same time as the others (a
+    barrier before each); rank 0 writes the slowest rank's time of each job (the iteration
+    waits for the slowest rank), stopping once ``budget_s`` is spent."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        start = time.perf_counter()
+        times: list[float] = []
+        for op, n in jobs:
+            stop = torch.tensor([float(time.perf_counter() - start > budget_s)])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item() > 0:
+                break
+            t = torch.tensor([time_chain(workload, op, n, warmup, repeats)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times.append(float(t.item()))
+        if rank == 0:
+            Path(out).write_text(json.dumps(times))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_chains(
+    workload: Any, jobs: list[tuple[MetaOp, int]], warmup: int, repeats: int, threads: int,
+    ranks: int, budget_s: float,
+) -> list[float]:
+    """:func:`time_chain` of every job on ``ranks`` local processes at once (the slowest
+    process's time each); fewer times than jobs when ``budget_s`` ran out."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "chains.json")
+        mp.spawn(_chain_worker, args=(ranks, _free_port(), workload, jobs, warmup, repeats,
+                                      threads, budget_s, out), nprocs=ranks, join=True)
+        return [float(t) for t in json.loads(Path(out).read_text())]
+
+
+def default_threads(devices: int, environ: Any = None) -> int:
+    """Torch threads of one rank as ``torchrun`` starts them: ``OMP_NUM_THREADS`` when set,
+    else 1 with several ranks on the machine (torchrun then sets ``OMP_NUM_THREADS=1``), else
+    every core."""
+    env = os.environ if environ is None else environ
+    try:
+        if int(env.get("OMP_NUM_THREADS", "")) >= 1:
+            return int(env["OMP_NUM_THREADS"])
+    except ValueError:
+        pass
+    return 1 if devices > 1 else max(1, os.cpu_count() or 1)
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -877,7 +1097,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                         help="refuse or stop when profiling would take longer (default 300)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per simulated device (default cores / devices)")
+                        help="torch threads per simulated device (default: what a torchrun"
+                             " rank gets: $OMP_NUM_THREADS, else 1 when --devices > 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -893,6 +1114,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds, threads=args.threads,
             progress=not args.no_progress, workload=w.name,
             workload_fingerprint=w.fingerprint(), optimizer_sets=runtime_parameter_sets(w),
+            runtime_workload=w,
         )
         write_profile(prof, args.out)
     except (WorkloadError, ProfileError) as err:

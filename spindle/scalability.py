@@ -249,11 +249,15 @@ class ProfilePoints:
     """Measured points from a ``spindle profile`` file; signatures it lacks fall back to the
     hardware model (logged once per signature).
 
-    The profile times the bare block of a signature.  A MetaOp's layer also carries its share of
-    the fused light parts (``op.flops_per_layer`` includes them), so the measured compute is
-    scaled by ``op.flops_per_layer / block FLOPs`` (the light parts are assumed to run at the
-    block's speed; they are a few % of it), and the sync part is the profile's measured
-    all-reduce model applied to the layer's full gradient volume (:func:`layer_grad_params`)."""
+    A ``chain`` entry (schema 3) is the MetaOp's whole chain of runtime operators timed and
+    divided by its layers: the light parts (adapters, in-projections, positions, final norm,
+    heads, losses) and the operator dispatch are in it, so its compute is used as is.  (Only a
+    MetaOp whose light parts differ from those of the MetaOp timed for its signature, i.e. whose
+    ``flops_per_layer`` differs from the entry's, is scaled by the FLOP ratio.)  A ``block``
+    entry (schema 1, 2) timed the bare block of a signature: the measured compute is scaled by
+    ``op.flops_per_layer / block FLOPs`` (the light parts assumed to run at the block's speed).
+    The sync part is the profile's measured all-reduce model applied to the layer's full
+    gradient volume (:func:`layer_grad_params`)."""
 
     profile: "Profile"
     fallback: HardwareModel | None = None
@@ -263,6 +267,13 @@ class ProfilePoints:
         entry = self.profile.entry(signature(op))
         if entry is not None:
             scale = op.flops_per_layer / entry.flops_per_layer if entry.flops_per_layer > 0 else 1.0
+            if getattr(entry, "measurement", "block") == "chain":
+                if math.isclose(scale, 1.0, rel_tol=1e-9):
+                    scale = 1.0  # the measured chain is this MetaOp's: as is
+                else:
+                    self._warn_once(op, f"light parts differ from the profiled chain of"
+                                        f" {entry.metaops[0] if entry.metaops else '?'};"
+                                        f" compute scaled by the FLOP ratio {scale:.3f}")
             nbytes = layer_grad_params(op) * self.profile.grad_bytes
             pts = tuple(
                 ProfilePoint(

@@ -15,6 +15,7 @@ from spindle.profiler import (
     PROFILE_SCHEMA_VERSION,
     ProfileError,
     add_profile_arguments,
+    block_flops,
     build_block,
     fit_collective,
     load_profile,
@@ -91,10 +92,11 @@ def test_estimator_uses_the_profile(clip_profile: tuple[Path, float]) -> None:
         e = prof.entry(signature(op))
         assert e is not None
         assert est.table(op).origin.startswith("profile:")
-        # what the estimator should see: block compute scaled up to the layer's light parts,
-        # plus the measured collective model on the layer's full gradient volume
-        scale = op.flops_per_layer / e.flops_per_layer
-        assert 1.0 <= scale < 2.0
+        # what the estimator should see: the chain's per-layer compute as measured (the light
+        # parts are in it: no FLOP rescaling), plus the measured collective model on the
+        # layer's full gradient volume
+        assert e.measurement == "chain" and e.flops_per_layer == op.flops_per_layer
+        scale = 1.0
         nbytes = layer_grad_params(op) * prof.grad_bytes
         want = {p.n: p.compute_s * scale + prof.collective.allreduce_time(nbytes, p.n)
                 for p in e.points}
@@ -104,6 +106,74 @@ def test_estimator_uses_the_profile(clip_profile: tuple[Path, float]) -> None:
             measured = next(p.compute_s for p in e.points if p.n == n) * scale
             # compute_time is the fitted compute at n, capped by time(n)
             assert est.compute_time(op, n) == pytest.approx(min(measured, est.time(op, n)), rel=0.05)
+
+
+def test_chain_profile_times_every_metaop_with_the_runtime(clip_profile: tuple[Path, float]) -> None:
+    path, _ = clip_profile
+    raw = json.loads(path.read_text())
+    assert raw["threads_per_device"] == 1  # 2 devices: a torchrun rank gets OMP_NUM_THREADS=1
+    prof = load_profile(path)
+    ops = contract(load_workload("tiny-multitask-clip")).metaops
+    for op in ops:
+        e = prof.entry(signature(op))
+        assert e is not None and e.measurement == "chain"
+        assert all(p.compute_s > 0 for p in e.points)
+        assert e.flops_per_layer == pytest.approx(op.flops_per_layer)
+        if not op.is_loss:  # the light parts are counted, not the bare block's FLOPs
+            assert e.flops_per_layer > block_flops(op)
+
+
+def test_time_chain_runs_the_runtime_operators_of_every_kind() -> None:
+    from spindle.profiler import time_chain
+
+    seen = set()
+    for name in ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"):
+        w = load_workload(name)
+        for op in contract(w).metaops:
+            if op.kind in seen:
+                continue
+            seen.add(op.kind)
+            assert 0 < time_chain(w, op, 1 if op.is_loss else 2, warmup=1, repeats=2) < 1.0
+    assert seen == {"encoder", "decoder", "llm", "contrastive"}
+
+
+def test_estimator_uses_a_chain_entry_as_is_and_scales_a_block_entry(tmp_path: Path) -> None:
+    op = next(o for o in contract(load_workload("tiny-multitask-clip")).metaops
+              if signature(o) == ("encoder", 32, 4, 128, 9, 0, 8))
+    assert op.extra_flops > 0
+    for measurement, version, flops, want in (
+        ("chain", 3, op.flops_per_layer, 1e-3),
+        ("block", 2, block_flops(op), 1e-3 * op.flops_per_layer / block_flops(op)),
+    ):
+        data = _valid_profile()
+        data["schema_version"] = version
+        e = data["entries"][0]
+        e["flops_per_layer"] = flops
+        e["points"] = [{"n": 1, "compute_s": 1e-3, "sync_s": 0.0}]
+        if measurement == "chain":
+            e["measurement"] = "chain"
+        p = tmp_path / f"{measurement}.json"
+        p.write_text(json.dumps(data))
+        est = make_estimator("a800", profile=p)
+        assert est.compute_time(op, 1) == pytest.approx(want, rel=1e-6), measurement
+
+
+def test_chain_entries_need_version_3(tmp_path: Path) -> None:
+    data = _valid_profile()
+    data["schema_version"] = 2
+    data["entries"][0]["measurement"] = "chain"
+    p = tmp_path / "v2chain.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="schema_version 3"):
+        load_profile(p)
+
+
+def test_default_threads_follow_torchrun() -> None:
+    from spindle.profiler import default_threads
+
+    assert default_threads(2, {}) == 1
+    assert default_threads(4, {"OMP_NUM_THREADS": "3"}) == 3
+    assert default_threads(1, {}) >= 1
 
 
 def test_profile_falls_back_to_hardware_for_unknown_signatures(clip_profile: tuple[Path, float]) -> None:
@@ -194,7 +264,7 @@ def test_load_profile_file_errors(tmp_path: Path) -> None:
 
 def test_real_profile_measures_p2p_and_the_optimizer(clip_profile: tuple[Path, float]) -> None:
     raw = json.loads(clip_profile[0].read_text())
-    assert raw["schema_version"] == 2
+    assert raw["schema_version"] == 3
     prof = load_profile(clip_profile[0])
     assert prof.p2p is not None and prof.optimizer is not None
     assert prof.p2p.latency_s >= 0 and prof.p2p.bandwidth > 0 and len(prof.p2p.samples) >= 2
