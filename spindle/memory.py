@@ -61,7 +61,7 @@ from typing import Literal
 import numpy as np
 
 from spindle.graph import MetaGraph, MetaOp
-from spindle.plan import Plan, Slice
+from spindle.plan import Plan, Slice, executing_devices
 
 GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
 LOGIT_BYTES = 4  # cross entropy in fp32 (autocast's fp32 list), also on CPU
@@ -161,12 +161,6 @@ def operator_parameters(graph: MetaGraph, metaop: MetaOp, layer: int) -> dict[st
         if task.loss.type == "lm" and ref.stage == task.loss.stage:
             out[f"{c}.head"] = h * int(comp.vocab or 0)
     return out
-
-
-def executing_devices(metaop: MetaOp, devices: tuple[int, ...]) -> tuple[int, ...]:
-    """The devices that run a slice: all of them, or the first for a contrastive loss (its
-    similarity matrix couples the whole batch, so the runtime runs it on one device)."""
-    return devices[:1] if metaop.is_loss else devices
 
 
 def local_rows(metaop: MetaOp, n: int) -> int:

@@ -53,9 +53,9 @@ import numpy as np
 
 from spindle.cluster import Cluster
 from spindle.graph import MetaGraph, MetaOp
-from spindle.memory import (GB, MemoryLedger, MemoryModel, ParameterIndex, executing_devices,
-                            format_gb, memory_report)
-from spindle.plan import Plan, Slice, Wave, plan_metaops
+from spindle.memory import (GB, MemoryLedger, MemoryModel, ParameterIndex, format_gb,
+                            memory_report)
+from spindle.plan import Plan, Slice, Wave, executing_devices, plan_metaops
 from spindle.schedule import SliceSpec, WaveSpec
 from spindle.simulator import Communication, communication, links_for_cluster
 

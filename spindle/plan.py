@@ -20,9 +20,9 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from spindle.graph import MetaGraph
+from spindle.graph import LOSS_KIND, MetaGraph
 
 PLAN_VERSION = 1
 
@@ -56,6 +56,23 @@ class PlanMetaOp:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def is_loss(self) -> bool:
+        return self.kind == LOSS_KIND
+
+
+class _HasIsLoss(Protocol):
+    @property
+    def is_loss(self) -> bool: ...
+
+
+def executing_devices(metaop: _HasIsLoss, devices: tuple[int, ...]) -> tuple[int, ...]:
+    """The devices that run a slice of ``metaop`` on group ``devices``: all of them, data
+    parallel over the batch; or, for a contrastive loss, only the first, with the whole batch
+    (its similarity matrix couples every pair of samples).  Simulator, memory model, placement
+    and runtime all read this one rule."""
+    return devices[:1] if metaop.is_loss else devices
 
 
 @dataclass(frozen=True)

@@ -395,7 +395,6 @@ def build_block(kind: str, hidden: int, heads: int, ffn: int) -> "torch.nn.Modul
     :func:`spindle.costmodel.layer_parameters` counts: ``encoder`` (pre-LN self-attention +
     GELU MLP), ``decoder`` (causal self-attention + cross-attention + GELU MLP), ``llm`` (causal
     self-attention + SwiGLU, RMSNorm)."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 

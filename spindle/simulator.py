@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Callable
 from spindle.cluster import Cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph
-from spindle.memory import executing_devices, parameter_holders
-from spindle.plan import Plan, transfer_rows
+from spindle.memory import parameter_holders
+from spindle.plan import Plan, executing_devices, transfer_rows
 
 if TYPE_CHECKING:
     from spindle.profiler import Profile

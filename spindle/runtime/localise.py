@@ -23,8 +23,7 @@ from typing import Iterator
 
 import torch
 
-from spindle.graph import LOSS_KIND
-from spindle.plan import Plan, PlanLayer, PlanMetaOp, Slice, row_range
+from spindle.plan import Plan, PlanLayer, Slice, executing_devices, row_range
 from spindle.runtime.model import init_parameter, parameter_names, parameter_shape
 from spindle.workload import Workload
 
@@ -55,18 +54,12 @@ class SliceRef:
     index: int
 
 
-def is_loss_metaop(metaop: PlanMetaOp) -> bool:
-    """A contrastive loss: one operator over the whole batch, never row-split."""
-    return metaop.kind == LOSS_KIND
-
-
 def slice_layout(plan: Plan, s: Slice) -> tuple[tuple[int, RowRange], ...]:
     """``(rank, rows)`` for every rank that executes slice ``s``, in group order."""
     metaop = plan.metaops[s.metaop]
-    if is_loss_metaop(metaop):
-        return ((s.devices[0], RowRange(0, metaop.batch)),)
+    ranks = executing_devices(metaop, s.devices)
     return tuple(
-        (rank, RowRange(*row_range(metaop.batch, s.n, k))) for k, rank in enumerate(s.devices)
+        (rank, RowRange(*row_range(metaop.batch, len(ranks), k))) for k, rank in enumerate(ranks)
     )
 
 
