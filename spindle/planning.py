@@ -13,6 +13,7 @@ refused with one :class:`spindle.placement.PlacementError` line; without it the 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from typing import Literal
 from spindle import bounds
 from spindle.cluster import Cluster, load_cluster
 from spindle.estimator import Estimator
-from spindle.graph import MetaGraph, contract
+from spindle.graph import MetaGraph, MetaOp, contract
 from spindle.hardware import HardwareModel
 from spindle.memory import MemoryModel, format_gb, MemoryReport, ParameterIndex, memory_report
 from spindle.placement import PlacementError, place, place_naive
@@ -54,6 +55,18 @@ class PlanningContext:
     @property
     def hardware(self) -> HardwareModel:
         return self.cluster.hardware
+
+    @functools.cached_property
+    def bounds(self) -> tuple[float, float, float]:
+        """(relaxed optimum C*, lower bound of any schedule, compute-only lower bound of any
+        simulated iteration): properties of the workload and cluster, the same for every
+        planner, so computed once."""
+        n = self.num_devices
+        return (
+            bounds.relaxed_optimum(self.graph, self.estimator, n),
+            bounds.global_lower_bound(self.graph, self.estimator, n),
+            bounds.global_lower_bound(self.graph, _ComputeOnly(self.estimator), n),
+        )
 
     @property
     def num_devices(self) -> int:
@@ -131,12 +144,12 @@ def make_context(
         cl = load_cluster(cluster if cluster is not None else hardware, num_devices, nodes,
                           devices_per_node, device_memory_gib=device_memory_gib)
     graph = contract(w)
-    est = make_estimator(cl.hardware, Path(profile) if profile else None, cl.devices_per_node)
     measured = None
     if profile:
         from spindle.profiler import load_profile  # local: the profiler module imports torch lazily
 
         measured = load_profile(profile)
+    est = make_estimator(cl.hardware, measured, cl.devices_per_node)
     return PlanningContext(
         w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
@@ -186,10 +199,7 @@ def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
             f" {names}"
         )
     sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links)
-    c_star = bounds.relaxed_optimum(ctx.graph, ctx.estimator, ctx.num_devices)
-    lb = bounds.global_lower_bound(ctx.graph, ctx.estimator, ctx.num_devices)
-    lb_compute = bounds.global_lower_bound(ctx.graph, _ComputeOnly(ctx.estimator),
-                                           ctx.num_devices)
+    c_star, lb, lb_compute = ctx.bounds
     plan.estimates.update(
         schedule_s=sim.schedule_s, makespan_s=sim.makespan_s, relaxed_optimum_s=c_star,
         lower_bound_s=lb, planning_time_s=elapsed, send_recv_bytes=sim.send_recv_bytes,
@@ -222,13 +232,13 @@ class _ComputeOnly:
 
     inner: Estimator
 
-    def time(self, op, n):  # type: ignore[no-untyped-def]
+    def time(self, op: MetaOp, n: int) -> float:
         return self.inner.compute_time(op, n)
 
-    def compute_time(self, op, n):  # type: ignore[no-untyped-def]
+    def compute_time(self, op: MetaOp, n: int) -> float:
         return self.inner.compute_time(op, n)
 
-    def valid_counts(self, op, num_devices):  # type: ignore[no-untyped-def]
+    def valid_counts(self, op: MetaOp, num_devices: int) -> list[int]:
         return self.inner.valid_counts(op, num_devices)
 
 

@@ -414,21 +414,25 @@ def _dp_counts(batch: int, num_devices: int) -> tuple[int, ...]:
 
 def make_estimator(
     hardware: str | Path | HardwareModel,
-    profile: Path | None = None,
+    profile: "str | Path | Profile | None" = None,
     devices_per_node: int | None = None,
 ) -> FittedEstimator:
     """The planner's estimator: the hardware model (a preset name, a YAML path or a model),
-    replaced by measured points wherever ``profile`` has an entry for a MetaOp's signature."""
+    replaced by measured points wherever ``profile`` (a file, or one already loaded) has an
+    entry for a MetaOp's signature."""
     hw = hardware if isinstance(hardware, HardwareModel) else load_hardware(hardware)
     if devices_per_node is not None and devices_per_node != hw.devices_per_node:
         hw = hw.with_devices_per_node(devices_per_node)
     source: PointSource
     name = hw.name
-    if profile is not None:
+    if isinstance(profile, (str, Path)):
         from spindle.profiler import load_profile  # local: the profiler imports torch
 
         source = ProfilePoints(load_profile(profile), hw)
         name = f"{hw.name}+profile:{Path(profile).name}"
+    elif profile is not None:
+        source = ProfilePoints(profile, hw)
+        name = f"{hw.name}+profile"
     else:
         source = HardwarePoints(hw)
     return FittedEstimator(source, devices_per_node=hw.devices_per_node, name=name)
