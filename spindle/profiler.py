@@ -28,6 +28,7 @@ Only this module imports torch (lazily), so loading a profile stays cheap.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,13 +57,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1: no P2P / optimizer (None); 1, 2: bare-block entries
+PROFILE_SCHEMA_VERSION = 4
+# 1: no P2P / optimizer (None); 1, 2: bare-block entries; 1-3: no runtime calibration (0 s)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 MEASUREMENTS = ("block", "chain")
 PROFILE_KIND = "spindle-profile"
-COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024,
+                    16 * 1024 * 1024)
+SYNC_TENSORS = 8  # gradients per measured sync: the runtime flattens a pool's many tensors
 P2P_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 OPTIMIZER_COPIES = (1, 2, 4, 8)  # parameter sets of 1, 2, 4, 8 copies of the workload's blocks
+DEFAULT_REPEATS = 11  # per point, 3 profiles of small-ofasys spread by 7% (median); 5 repeats: ~15%
+DEFAULT_WARMUP = 3
 DEFAULT_MAX_SECONDS = 300.0  # the paper profiles a model in under 5 minutes
 
 
@@ -136,6 +142,21 @@ class P2PFit:
 
 
 @dataclass(frozen=True)
+class RuntimeCalibration:
+    """What the runtime spends per wave beyond its slices' operator chains, measured by running
+    it (:class:`spindle.runtime.executor.TrainingRun`, one process per device) on the workload's
+    one-device ``sequential`` plan: its compute + send/recv phases per iteration (median), less
+    the profile's own chain times of the same slices, per wave (floored at 0).  It is the cost
+    of turning inputs into autograd leaves, collecting input gradients, the transmitter's visit
+    of every wave boundary and the phase timers; the simulator adds it to every wave."""
+
+    wave_overhead_s: float
+    iteration_s: float  # measured compute + send/recv of the calibration plan (median)
+    chains_s: float  # the same slices' chain times from the profile
+    waves: int
+
+
+@dataclass(frozen=True)
 class OptimizerFit:
     """Measured optimizer phase of the runtime on one process (zero_grad, gradient clipping by
     the global norm, including its scalar all-reduce over the processes, and the
@@ -183,6 +204,7 @@ class Profile:
     schema_version: int = PROFILE_SCHEMA_VERSION
     p2p: P2PFit | None = None  # None in version-1 profiles
     optimizer: OptimizerFit | None = None  # None in version-1 profiles
+    runtime: RuntimeCalibration | None = None  # None before version 4
 
     def entry(self, sig: Signature) -> ProfileEntry | None:
         return self.entries.get(sig)
@@ -216,6 +238,7 @@ class Profile:
                 "fixed_s": self.optimizer.fixed_s, "per_param_s": self.optimizer.per_param_s,
                 "samples": [{"params": n, "seconds": s} for n, s in self.optimizer.samples],
             }} if self.optimizer is not None else {}),
+            **({"runtime": dataclasses.asdict(self.runtime)} if self.runtime is not None else {}),
             "entries": [
                 {
                     "signature": dict(zip(_SIG_FIELDS, e.signature)),
@@ -302,6 +325,13 @@ class _OptimizerModel(_Strict):
     samples: list[_OptimizerSampleModel] = []
 
 
+class _RuntimeModel(_Strict):
+    wave_overhead_s: float = Field(ge=0, allow_inf_nan=False)
+    iteration_s: float = Field(ge=0, allow_inf_nan=False)
+    chains_s: float = Field(ge=0, allow_inf_nan=False)
+    waves: int = Field(ge=1)
+
+
 class _ProfileModel(_Strict):
     schema_version: int
     kind: Literal["spindle-profile"]
@@ -318,6 +348,7 @@ class _ProfileModel(_Strict):
     collective: _CollectiveModel
     p2p: _P2PModel | None = None
     optimizer: _OptimizerModel | None = None
+    runtime: _RuntimeModel | None = None
     entries: list[_EntryModel]
 
 
@@ -366,6 +397,7 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
         optimizer=None if m.optimizer is None else OptimizerFit(
             m.optimizer.fixed_s, m.optimizer.per_param_s,
             tuple((s.params, s.seconds) for s in m.optimizer.samples)),
+        runtime=None if m.runtime is None else RuntimeCalibration(**m.runtime.model_dump()),
     )
 
 
@@ -450,14 +482,22 @@ def build_block(kind: str, hidden: int, heads: int, ffn: int) -> "torch.nn.Modul
     return Block()
 
 
-def _time_call(fn: Any, warmup: int, repeats: int) -> float:
+def _time_call(
+    fn: Any, warmup: int, repeats: int, combine: Callable[[float], float] | None = None
+) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones.  With
+    ``combine``, each run's time first goes through it (outside the timed region): the chain
+    workers combine the concurrent processes' times of a run there, so that the median is taken
+    over runs of the combined time (for a data-parallel slice: the slowest device of each
+    iteration, as the wave waits for it)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        times.append(dt if combine is None else combine(dt))
     return statistics.median(times)
 
 
@@ -525,7 +565,7 @@ def _stage_output(workload: Any, task: Any, stage: str, rows: int, gen: "torch.G
 
 
 def time_chain(workload: Any, op: MetaOp, n: int, warmup: int = 2, repeats: int = 5,
-               seed: int = 0) -> float:
+               seed: int = 0, combine: Callable[[float], float] | None = None) -> float:
     """Median seconds of forward + backward of the WHOLE chain of ``op`` as the runtime computes
     it (:func:`spindle.runtime.model.run_operator` per layer, fed as
     :meth:`spindle.runtime.executor.WaveExecutor._run_slice` feeds a slice: the carry, the
@@ -589,7 +629,55 @@ def time_chain(workload: Any, op: MetaOp, n: int, warmup: int = 2, repeats: int 
                          for r in roots)
         torch.autograd.backward(roots, grads)
 
-    return _time_call(step, warmup, repeats) / op.num_layers
+    return _time_call(step, warmup, repeats, combine) / op.num_layers
+
+
+def calibration_plan(workload: Any) -> Any:
+    """The plan the runtime is calibrated on: every MetaOp of ``workload``, one after another,
+    on one device (the ``sequential`` planner at one device)."""
+    from spindle.planning import make_plan  # local: planning reads profiles
+
+    return make_plan(workload, "sequential", 1, 1, "cpu", check_memory=False)
+
+
+def time_runtime_phases(workload: Any, plan: Any, warmup: int, repeats: int) -> float:
+    """Median seconds of the compute + send/recv phases of one iteration of the runtime
+    (:class:`spindle.runtime.executor.TrainingRun`) running the one-device ``plan`` in this
+    process: everything the waves cost, the gradient sync and the optimizer left out."""
+    import torch
+
+    from spindle.runtime.executor import TrainingRun
+
+    run = TrainingRun(workload, plan, 0, 1, torch.device("cpu"))
+    times = []
+    for step in range(warmup + repeats):
+        run.prepare_data(step)
+        phases = run.step(step).rank_iteration.phases
+        if step >= warmup:
+            times.append(phases["compute"] + phases["send_recv"])
+    return statistics.median(times)
+
+
+def runtime_calibration(
+    workload: Any, plan: Any, entries: dict[Signature, ProfileEntry], measured_s: float
+) -> RuntimeCalibration:
+    """:class:`RuntimeCalibration` from the measured phases ``measured_s`` of the one-device
+    ``plan`` and the chain times of its slices in ``entries``."""
+    graph = contract(workload)
+    chains = 0.0
+    for wave in plan.waves:
+        for sl in wave.slices:
+            op = graph.metaops[sl.metaop]
+            entry = entries[signature(op)]
+            at_one = next(pt for pt in entry.points if pt.n == 1)
+            chains += at_one.compute_s * (sl.layer_end - sl.layer_start)
+    waves = len(plan.waves)
+    overhead = (measured_s - chains) / waves
+    if overhead < 0:
+        log.info("runtime calibration: the runtime ran its plan %.1f%% faster than the chains"
+                 " add up to (timing noise); wave overhead set to 0",
+                 100 * (chains - measured_s) / chains)
+    return RuntimeCalibration(max(overhead, 0.0), measured_s, chains, waves)
 
 
 def chain_workload(workload: Any) -> Any | None:
@@ -616,14 +704,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _across_ranks(seconds: float, slowest: bool, world: int) -> float:
+    """``seconds`` of every rank combined (collective): their maximum, or their mean."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if slowest else dist.ReduceOp.SUM)
+    return float(t.item()) if slowest else float(t.item()) / world
+
+
+def _leave_group() -> None:
+    """End a spawned gloo worker that finished its work: a barrier (rank 0 has written its
+    results), then exit without the interpreter's teardown, where gloo's threads sometimes abort
+    the process ('terminate called without an active exception': 3 of 8 profiles once the chain
+    workers also ran the runtime; 0 of 14 since)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _collective_worker(
     rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int, out: str,
     p2p_sizes: tuple[int, ...] = (), optimizer_sets: tuple[tuple[tuple[int, ...], ...], ...] = (),
     threads: int = 1,
 ) -> None:
-    """One of the spawned gloo processes: all-reduce times for ``sizes``; P2P exchange times for
-    ``p2p_sizes`` (ranks 0 and 1); the runtime's optimizer phase for each parameter set (a
-    tuple of tensor shapes).  Rank 0 writes the *means* to ``out``: gloo over loopback has a
+    """One of the spawned gloo processes: the runtime's gradient sync (a bucketed all-reduce)
+    times for ``sizes``; P2P exchange times for ``p2p_sizes`` (ranks 0 and 1); the runtime's
+    optimizer phase for each parameter set (a tuple of tensor shapes).  Rank 0 writes the *means* to ``out``: gloo over loopback has a
     heavy tail (a wake-up of its I/O thread can cost a scheduler tick, ~4 ms here, in 10-40% of
     the calls), and an iteration sums many such calls, so their expected time is what adds up."""
     import torch
@@ -634,18 +745,8 @@ def _collective_worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        results = []
-        for nbytes in sizes:
-            t = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
-            for _ in range(2):
-                dist.all_reduce(t)
-            times = []
-            for _ in range(repeats):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_reduce(t)
-                times.append(time.perf_counter() - t0)
-            results.append((nbytes, statistics.fmean(times)))
+        results = [(nbytes, statistics.fmean(_time_sync(rank, world, nbytes, repeats)))
+                   for nbytes in sizes]
         p2p = [(b, statistics.fmean(_time_p2p(rank, b, repeats))) for b in p2p_sizes] \
             if rank < 2 else []
         opt = [(sum(math.prod(sh) for sh in shapes),
@@ -653,8 +754,39 @@ def _collective_worker(
                for shapes in optimizer_sets]
         if rank == 0:
             Path(out).write_text(json.dumps({"allreduce": results, "p2p": p2p, "optimizer": opt}))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave_group()
+
+
+def _time_sync(rank: int, world: int, nbytes: int, repeats: int) -> list[float]:
+    """The runtime's parameter sync (:meth:`spindle.runtime.param_groups.ParameterGroups.
+    sync_gradients`) of ``nbytes`` of float32 gradients in :data:`SYNC_TENSORS` tensors
+    replicated on every process: flatten into a bucket, all-reduce, copy back.  Every process
+    starts it after a barrier."""
+    import torch
+    import torch.distributed as dist
+
+    from spindle.runtime.param_groups import ParameterGroups
+
+    numel = max(nbytes // 4, 1)
+    sizes = [numel // SYNC_TENSORS + (1 if i < numel % SYNC_TENSORS else 0)
+             for i in range(SYNC_TENSORS)]
+    params = {f"g{i}": torch.nn.Parameter(torch.zeros(n)) for i, n in enumerate(sizes) if n}
+    for prm in params.values():
+        prm.grad = torch.zeros_like(prm)
+    everyone = tuple(range(world))
+    groups = ParameterGroups({name: everyone for name in params}, rank, world)
+    for _ in range(2):
+        groups.sync_gradients(params)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        groups.sync_gradients(params)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _time_p2p(rank: int, nbytes: int, repeats: int) -> list[float]:
@@ -965,10 +1097,13 @@ def profile_metaops(
             coll = collective
         measured: dict[Signature, list[ProfilePoint]] = {s: [] for s in groups}
         ranks = concurrent_ranks(devices, threads)
+        plan = calibration_plan(chain_w) if chain_w is not None else None
+        runtime_phases: float | None = None
         if chain_w is not None and ranks > 1:
             # every point timed on `ranks` processes at once, as the ranks of a run compute
             budget = max_seconds - (time.perf_counter() - start)
-            times = measure_chains(chain_w, jobs, warmup, repeats, threads, ranks, budget)
+            times, runtime_phases = measure_chains(chain_w, jobs, warmup, repeats, threads,
+                                                   ranks, budget, plan)
             if len(times) < len(jobs):
                 elapsed = time.perf_counter() - start
                 raise ProfileError(
@@ -996,6 +1131,8 @@ def profile_metaops(
                 sync = coll.allreduce_time(op.params_per_layer * 4, n)
                 measured[signature(op)].append(ProfilePoint(n, compute, sync))
                 bar.update()
+        if plan is not None and runtime_phases is None:
+            runtime_phases = time_runtime_phases(chain_w, plan, warmup, repeats)
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(old_threads)
@@ -1007,11 +1144,18 @@ def profile_metaops(
         )
         for sig, group in groups.items()
     }
+    calibration = None
+    if plan is not None and runtime_phases is not None:
+        calibration = runtime_calibration(chain_w, plan, entries, runtime_phases)
+        log.info("runtime calibration: %.1f ms of waves against %.1f ms of chains: %.0f us per"
+                 " wave", 1e3 * calibration.iteration_s, 1e3 * calibration.chains_s,
+                 1e6 * calibration.wave_overhead_s)
     return Profile(
         workload=workload, workload_fingerprint=workload_fingerprint, devices=devices,
         repeats=repeats, threads_per_device=threads, dtype="float32", grad_bytes=4,
         torch_version=torch.__version__, machine=machine_description(threads),
         collective=coll, entries=entries, elapsed_s=elapsed, p2p=p2p, optimizer=opt,
+        runtime=calibration,
     )
 
 
@@ -1024,11 +1168,15 @@ def concurrent_ranks(devices: int, threads: int) -> int:
 
 def _chain_worker(
     rank: int, world: int, port: int, workload: Any, jobs: list[tuple[MetaOp, int]],
-    warmup: int, repeats: int, threads: int, budget_s: float, out: str,
+    warmup: int, repeats: int, threads: int, budget_s: float, out: str, plan: Any = None,
 ) -> None:
-    """One of ``world`` processes timing every chain job at the same time as the others (a
-    barrier before each); rank 0 writes the slowest rank's time of each job (the iteration
-    waits for the slowest rank), stopping once ``budget_s`` is spent."""
+    """One of ``world`` processes timing every chain job at the same time as the others; rank 0
+    writes each job's time, stopping once ``budget_s`` is spent.  Every timed run is combined
+    over the ranks before the median is taken (:func:`_time_call`): at n > 1 the slowest rank's
+    time (the ranks are the devices of one data-parallel slice, which ends with the slowest of
+    them in every iteration), at n = 1 the ranks' mean (independent samples of a one-device
+    slice; their maximum would be biased upwards).  Then, with a one-device ``plan``, every rank
+    runs it on the runtime at once (:func:`time_runtime_phases`; the ranks' mean)."""
     import torch
     import torch.distributed as dist
 
@@ -1044,28 +1192,43 @@ def _chain_worker(
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item() > 0:
                 break
-            t = torch.tensor([time_chain(workload, op, n, warmup, repeats)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            times.append(float(t.item()))
+            # per run: at n > 1 the ranks are the devices of one data-parallel slice, which ends
+            # with the slowest of them; at n = 1 each rank runs an independent one-device slice
+            slowest = n > 1 and not op.is_loss
+            times.append(time_chain(workload, op, n, warmup, repeats,
+                                    combine=lambda dt, s=slowest: _across_ranks(dt, s, world)))
+        phases: float | None = None
+        if plan is not None and len(times) == len(jobs):
+            dist.barrier()
+            t = torch.tensor([time_runtime_phases(workload, plan, warmup, repeats)],
+                             dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            phases = float(t.item()) / world
         if rank == 0:
-            Path(out).write_text(json.dumps(times))
-    finally:
+            Path(out).write_text(json.dumps({"chains": times, "runtime_phases": phases}))
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave_group()
 
 
 def measure_chains(
     workload: Any, jobs: list[tuple[MetaOp, int]], warmup: int, repeats: int, threads: int,
-    ranks: int, budget_s: float,
-) -> list[float]:
-    """:func:`time_chain` of every job on ``ranks`` local processes at once (the slowest
-    process's time each); fewer times than jobs when ``budget_s`` ran out."""
+    ranks: int, budget_s: float, plan: Any = None,
+) -> tuple[list[float], float | None]:
+    """:func:`time_chain` of every job on ``ranks`` local processes at once (see
+    :func:`_chain_worker`); fewer times than jobs when ``budget_s`` ran out.  With a one-device
+    ``plan``, also the runtime's compute + send/recv phases of it (:func:`time_runtime_phases`),
+    else None."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "chains.json")
         mp.spawn(_chain_worker, args=(ranks, _free_port(), workload, jobs, warmup, repeats,
-                                      threads, budget_s, out), nprocs=ranks, join=True)
-        return [float(t) for t in json.loads(Path(out).read_text())]
+                                      threads, budget_s, out, plan), nprocs=ranks, join=True)
+        raw = json.loads(Path(out).read_text())
+        phases = raw["runtime_phases"]
+        return [float(t) for t in raw["chains"]], None if phases is None else float(phases)
 
 
 def default_threads(devices: int, environ: Any = None) -> int:
@@ -1091,8 +1254,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="profile every valid device count up to N (default 2)")
     parser.add_argument("--out", type=Path, default=Path("profile.json"),
                         help="where to write the profile (default profile.json)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point first")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help=f"timed runs per point (median; default {DEFAULT_REPEATS})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed runs per point first (default {DEFAULT_WARMUP})")
     parser.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                         help="refuse or stop when profiling would take longer (default 300)")
     parser.add_argument("--threads", type=int, default=None,
@@ -1128,6 +1293,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
            if prof.p2p else "")
         + (f"; optimizer {prof.optimizer.fixed_s * 1e3:.2f} ms"
            f" + {prof.optimizer.per_param_s * 1e9:.1f} ns/param" if prof.optimizer else "")
+        + (f"; runtime {prof.runtime.wave_overhead_s * 1e6:.0f} us/wave" if prof.runtime
+           else "")
         + ")\n"
     )
     return 0

@@ -3,7 +3,9 @@
 The simulated iteration is what the runtime does, in order:
 
 * compute: every wave, forward then backward, lasts as long as its slowest slice, charged with
-  the estimator's *compute* time (``compute_time``: no gradient all-reduce inside);
+  the estimator's *compute* time (``compute_time``: no gradient all-reduce inside), plus the
+  runtime's own cost per wave (``Links.wave_overhead_s``, from a measured profile's runtime
+  calibration: making autograd leaves, visiting the boundary, timers);
 * send/recv: before a slice starts, its inputs move from the devices that produced them (the
   previous slice of its MetaOp, or the last slice of each producer MetaOp), re-split over its
   group by :func:`spindle.plan.transfer_rows` (a contrastive loss runs on the first device of its
@@ -73,6 +75,9 @@ class Links:
     optimizer_per_param_s: float = 0.0
     # whether optimizer_fixed_s already holds the clip-norm all-reduce (a measured phase does)
     optimizer_includes_clip: bool = False
+    # what the runtime spends per wave beyond the slices' chains (a measured profile's
+    # runtime calibration; 0 for the GPU presets, where no runtime was timed)
+    wave_overhead_s: float = 0.0
     # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
     # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
     # and a P2P exchange of that many bytes each way
@@ -163,6 +168,8 @@ def links_for_cluster(
         updates.update(optimizer_fixed_s=profile.optimizer.fixed_s,
                        optimizer_per_param_s=profile.optimizer.per_param_s,
                        optimizer_includes_clip=True)
+    if profile.runtime is not None:
+        updates["wave_overhead_s"] = profile.runtime.wave_overhead_s
     return dataclasses.replace(links, **updates)  # type: ignore[arg-type]
 
 
@@ -341,6 +348,7 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
             comp_w = max(comp_w, t)
             for d in s.devices:
                 busy[d] += t
+        comp_w += links.wave_overhead_s
         schedule += sched_w
         compute += comp_w
         wave_compute.append(comp_w)

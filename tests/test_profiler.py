@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -264,7 +265,7 @@ def test_load_profile_file_errors(tmp_path: Path) -> None:
 
 def test_real_profile_measures_p2p_and_the_optimizer(clip_profile: tuple[Path, float]) -> None:
     raw = json.loads(clip_profile[0].read_text())
-    assert raw["schema_version"] == 3
+    assert raw["schema_version"] == PROFILE_SCHEMA_VERSION == 4
     prof = load_profile(clip_profile[0])
     assert prof.p2p is not None and prof.optimizer is not None
     assert prof.p2p.latency_s >= 0 and prof.p2p.bandwidth > 0 and len(prof.p2p.samples) >= 2
@@ -321,3 +322,72 @@ def test_fit_optimizer_and_p2p_recover_their_lines() -> None:
     p2p = fit_p2p([(b, 1.5e-4 + b / 2e9) for b in (4096, 65536, 1 << 20)])
     assert p2p.latency_s == pytest.approx(1.5e-4, rel=1e-3)
     assert p2p.bandwidth == pytest.approx(2e9, rel=1e-3)
+
+
+def test_real_profile_calibrates_the_runtime_per_wave(clip_profile: tuple[Path, float]) -> None:
+    """The runtime ran the one-device sequential plan; its phases against the profile's chains
+    of the same slices give the per-wave overhead, which the simulator adds to every wave."""
+    from spindle.planning import make_context, build_plan
+    from spindle.profiler import calibration_plan, runtime_calibration
+    from spindle.simulator import simulate
+
+    prof = load_profile(clip_profile[0])
+    cal = prof.runtime
+    assert cal is not None
+    w = load_workload("tiny-multitask-clip")
+    plan = calibration_plan(w)
+    assert cal.waves == len(plan.waves) and plan.num_devices == 1
+    assert cal.iteration_s > 0 and cal.chains_s > 0
+    assert cal.wave_overhead_s == pytest.approx(max(0.0, (cal.iteration_s - cal.chains_s)
+                                                    / cal.waves))
+    # recomputed from the profile's own entries: the same chains sum
+    again = runtime_calibration(w, plan, prof.entries, cal.iteration_s)
+    assert again.chains_s == pytest.approx(cal.chains_s)
+    # a plan simulated with the calibration is longer by exactly one overhead per wave
+    ctx = make_context(w, 2, 2, "cpu", clip_profile[0])
+    assert ctx.links.wave_overhead_s == cal.wave_overhead_s
+    two, _ = build_plan(ctx, "sequential")
+    without = simulate(two, ctx.graph, ctx.estimator,
+                       dataclasses.replace(ctx.links, wave_overhead_s=0.0))
+    with_ = simulate(two, ctx.graph, ctx.estimator, ctx.links)
+    assert with_.compute_s - without.compute_s == pytest.approx(
+        len(two.waves) * cal.wave_overhead_s)
+
+
+def test_runtime_calibration_round_trips_and_is_validated(tmp_path: Path) -> None:
+    from spindle.profiler import write_profile
+
+    data = _valid_profile()
+    data["runtime"] = {"wave_overhead_s": 2e-4, "iteration_s": 0.03, "chains_s": 0.028,
+                       "waves": 10}
+    p = tmp_path / "v4.json"
+    p.write_text(json.dumps(data))
+    prof = load_profile(p)
+    assert prof.runtime is not None and prof.runtime.wave_overhead_s == 2e-4
+    again = tmp_path / "again.json"
+    write_profile(prof, again)
+    assert load_profile(again).runtime == prof.runtime
+    data["runtime"]["waves"] = 0
+    p.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="runtime.waves"):
+        load_profile(p)
+    del data["runtime"]
+    data["schema_version"] = 3  # older profiles: no calibration, no overhead
+    p.write_text(json.dumps(data))
+    assert load_profile(p).runtime is None
+
+
+def test_time_call_combines_every_run_before_the_median() -> None:
+    """The chain workers combine each run over the ranks (slowest, or mean) before the median:
+    the median of per-run maxima, not the maximum of per-rank medians."""
+    from spindle.profiler import _time_call
+
+    seen: list[float] = []
+    runs = iter([0.0, 0.0, 0.0])  # warmup calls are not combined
+
+    def combine(dt: float) -> float:
+        seen.append(dt)
+        return 10.0 + len(seen)  # stands for the other ranks' times
+
+    assert _time_call(lambda: next(runs, None), 1, 3, combine) == 12.0
+    assert len(seen) == 3 and all(dt >= 0 for dt in seen)

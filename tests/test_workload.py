@@ -8,7 +8,8 @@ from spindle.workload import (Component, InputAdapter, Loss, Stage, Task, Worklo
                               load_workload, shipped_workloads, workload_from_dict)
 
 EXPECTED = {"multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
-            "qwen-val-3", "tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"}
+            "qwen-val-3", "tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val",
+            "small-multitask-clip", "small-ofasys", "small-qwen-val"}
 
 
 def test_shipped_names():
