@@ -1,31 +1,37 @@
 """Runtime benchmark: measured iteration time of the Spindle plan, the sequential plan (both run
 by Spindle's runtime) and plain DDP (``spindle.runtime.ddp_baseline``), side by side on the
-same ranks in one launch.
+same ranks, and the simulator's prediction of each plan against its measured time.
 
-    .venv/bin/python benchmarks/runtime_bench.py [--workload W ...] [--nproc 2] [--steps 20]
-        [--warmup 3] [--rounds 2] [--hardware cpu | --profile profile.json] [--json FILE]
+    .venv/bin/python benchmarks/runtime_bench.py --profile-each [--workload W ...] [--nproc 2]
+        [--cycles 3] [--rounds 3] [--steps 10] [--warmup 3] [--json FILE]
 
-The script makes the two plans, then launches itself under torchrun (``--worker``).  Each worker
-runs, per workload and per round, the three contenders one after the other: every iteration
-starts after a barrier and the slowest rank's time counts; input data generation is not timed
-(for DDP neither).  The table shows the median iteration over all rounds, Spindle's speedup over
-each, the simulator's predicted speedup over sequential, and where Spindle's time goes.
+Per workload and *cycle*: ``spindle profile`` on this machine (``--profile-each``), the two
+plans from that profile, then one torchrun launch (``--worker``) that runs, per round, the
+three contenders one after the other: every iteration starts after a barrier and the slowest
+rank's time counts; input data generation is not timed (for DDP neither).  A cycle's
+prediction error compares its plans' simulated iteration with their median measured iteration;
+the table reports every cycle's error and their median (identical cycles differ by up to
+~15% on a shared 2-core box, so one cycle says little).  The default workloads are the
+``small-*`` ones: the ``tiny-*`` ones iterate in ~20 ms, where per-operator Python overhead and
+gloo's millisecond wake-ups dominate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PLANNED = ("spindle", "sequential")
-DEFAULT_WORKLOADS = ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val")
+DEFAULT_WORKLOADS = ("small-multitask-clip", "small-ofasys", "small-qwen-val")
 
 
 # --- the worker (one per rank, under torchrun) ------------------------------------------------
@@ -106,19 +112,74 @@ def _median_ms(xs: list[float]) -> float:
     return 1000.0 * statistics.median(xs)
 
 
+@dataclass
+class Cycle:
+    """One profile -> plan -> measure cycle of one workload."""
+
+    workload: str
+    predicted_s: dict[str, float]  # plan -> the simulator's iteration
+    predicted_phases: dict[str, dict[str, float]]
+    measured: dict[str, Any]  # the worker's record
+
+    def measured_ms(self, contender: str) -> float:
+        return _median_ms(self.measured["iteration_s"][contender])
+
+    def error(self, plan: str) -> float:
+        meas = self.measured_ms(plan)
+        return (1e3 * self.predicted_s[plan] - meas) / meas
+
+
+def run_cycle(name: str, args: argparse.Namespace) -> Cycle:
+    """Profile ``name`` on this machine (with ``--profile-each``), plan it, and measure the
+    plans and DDP at once: the profile and the timed iterations see the same machine (on a
+    shared box its speed drifts over minutes)."""
+    from spindle.planning import make_plan
+
+    predicted_s: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="spindle-bench-") as tmp:
+        profile = args.profile
+        if args.profile_each:
+            profile = str(Path(tmp) / f"{name}.profile.json")
+            subprocess.run([sys.executable, "-m", "spindle.cli", "profile", name,
+                            "--devices", str(args.nproc), "--out", profile,
+                            "--no-progress"], check=True)
+        for p in PLANNED:
+            plan = make_plan(name, p, args.nproc, args.nproc, args.hardware, profile)
+            plan.save(Path(tmp) / f"{name}-{p}.json")
+            est = plan.estimates
+            predicted_s[p] = est.get("makespan_s", 0.0)
+            phases[p] = {k: est.get(f"{k}_s", 0.0) for k in ("compute", "param_sync",
+                                                             "optimizer")}
+            phases[p]["send_recv"] = est.get("send_recv_time_s", 0.0)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", __file__, "--worker", "--plans-dir", tmp,
+               "--workload", name, "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--rounds", str(args.rounds), "--seed", str(args.seed)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the timed run of {name} failed:\n{proc.stderr[-4000:]}")
+    (record,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return Cycle(name, predicted_s, phases, record)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="+", default=list(DEFAULT_WORKLOADS))
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="timed iterations per round")
+    parser.add_argument("--steps", type=int, default=10, help="timed iterations per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the contenders")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the contenders")
+    parser.add_argument("--cycles", type=int, default=3,
+                        help="independent profile -> plan -> measure cycles per workload; the"
+                             " prediction error is their median (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hardware", default="cpu", help="hardware preset for planning")
     parser.add_argument("--profile", default=None, help="measured profile for planning")
     parser.add_argument("--profile-each", action="store_true",
-                        help="first run `spindle profile` on this machine for every workload and"
-                             " plan (and predict) from that profile")
+                        help="run `spindle profile` on this machine at the start of every cycle"
+                             " and plan (and predict) from that profile")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plans-dir", default=None, help=argparse.SUPPRESS)
@@ -127,86 +188,60 @@ def main() -> int:
         worker(args)
         return 0
 
-    from spindle.planning import make_plan
-
-    predicted: dict[str, float] = {}
-    predicted_s: dict[tuple[str, str], float] = {}
-    predicted_phases: dict[tuple[str, str], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="spindle-bench-") as tmp:
-        for name in args.workload:
-            profile = args.profile
-            if args.profile_each:
-                profile = str(Path(tmp) / f"{name}.profile.json")
-                subprocess.run([sys.executable, "-m", "spindle.cli", "profile", name,
-                                "--devices", str(args.nproc), "--out", profile,
-                                "--no-progress"], check=True)
-            schedule = {}
-            for p in PLANNED:
-                plan = make_plan(name, p, args.nproc, args.nproc, args.hardware, profile)
-                plan.save(Path(tmp) / f"{name}-{p}.json")
-                schedule[p] = plan.estimates.get("makespan_s", 0.0)
-                predicted_s[(name, p)] = schedule[p]
-                predicted_phases[(name, p)] = {
-                    k: plan.estimates.get(f"{k}_s", 0.0) for k in ("compute", "param_sync",
-                                                                    "optimizer")}
-                predicted_phases[(name, p)]["send_recv"] = plan.estimates.get(
-                    "send_recv_time_s", 0.0)
-            if schedule["spindle"] > 0:
-                predicted[name] = schedule["sequential"] / schedule["spindle"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", __file__, "--worker", "--plans-dir", tmp,
-               "--workload", *args.workload, "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--rounds", str(args.rounds), "--seed", str(args.seed)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        return proc.returncode
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    cycles: dict[str, list[Cycle]] = {}
+    try:
+        for c in range(args.cycles):
+            for name in args.workload:
+                cycles.setdefault(name, []).append(run_cycle(name, args))
+                sys.stderr.write(f"cycle {c + 1}/{args.cycles}: {name} done\n")
+    except (RuntimeError, subprocess.CalledProcessError) as err:
+        sys.stderr.write(f"runtime_bench: {err}\n")
+        return 1
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(
+            {n: [dataclasses.asdict(c) for c in cs] for n, cs in cycles.items()}, indent=1))
 
-    print(f"Measured on {args.nproc} CPU ranks (gloo), median of {args.rounds} x {args.steps}"
-          f" iterations; plans from the '{args.profile or args.hardware}' cost model.\n")
-    print("| workload | Spindle ms | sequential ms | DDP ms | vs sequential | vs DDP |"
-          " predicted vs seq. | compute / send_recv / param_sync / optimizer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in results:
-        it = r["iteration_s"]
-        sp, sq, dd = (_median_ms(it[k]) for k in ("spindle", "sequential", "ddp"))
-        ph = r["spindle_phases_s"]
-        total = sum(ph.values()) or 1.0
-        shares = " / ".join(f"{100 * ph[k] / total:.0f}%"
-                            for k in ("compute", "send_recv", "param_sync", "optimizer"))
-        pred = predicted.get(r["workload"])
-        print(f"| {r['workload']} | {sp:.1f} | {sq:.1f} | {dd:.1f} | {sq / sp:.2f}x |"
-              f" {dd / sp:.2f}x | {f'{pred:.2f}x' if pred else '-'} | {shares} |")
-    print("\nsequential plan (Spindle's runtime) against plain DDP, same ranks: ")
-    for r in results:
-        it = r["iteration_s"]
-        sq, dd = _median_ms(it["sequential"]), _median_ms(it["ddp"])
-        print(f"- {r['workload']}: sequential / DDP = {sq / dd:.3f} (target <= 1.10)")
+    def pooled(cs: list[Cycle], contender: str) -> float:
+        return _median_ms([t for c in cs for t in c.measured["iteration_s"][contender]])
+
+    print(f"Measured on {args.nproc} CPU ranks (gloo): {args.cycles} cycles x {args.rounds}"
+          f" rounds x {args.steps} iterations per contender, medians; plans from the"
+          f" '{args.profile or ('profile of each cycle' if args.profile_each else args.hardware)}'"
+          " cost model.\n")
+    print("| workload | Spindle ms | sequential ms | DDP ms | Spindle vs sequential |"
+          " Spindle vs DDP | predicted vs seq. | sequential / DDP (target <= 1.10) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, cs in cycles.items():
+        sp, sq, dd = (pooled(cs, k) for k in ("spindle", "sequential", "ddp"))
+        pred = statistics.median(c.predicted_s["sequential"] / c.predicted_s["spindle"]
+                                 for c in cs)
+        print(f"| {name} | {sp:.1f} | {sq:.1f} | {dd:.1f} | {sq / sp:.2f}x | {dd / sp:.2f}x |"
+              f" {pred:.2f}x | {sq / dd:.3f} |")
     print("\nSimulator's prediction (compute + send/recv + param sync + optimizer) against the"
-          " measured iteration:\n")
-    print("| workload | plan | predicted ms | measured ms | error |")
-    print("|---|---|---:|---:|---:|")
-    for r in results:
+          " measured iteration, per cycle (each cycle's own profile), and the median error:\n")
+    head = " | ".join(f"cycle {i + 1} pred. / meas. ms" for i in range(args.cycles))
+    print(f"| workload | plan | {head} | errors | median error |")
+    print("|---|---|" + "---:|" * args.cycles + "---|---:|")
+    for name, cs in cycles.items():
         for p in PLANNED:
-            meas = _median_ms(r["iteration_s"][p])
-            pred = predicted_s.get((r["workload"], p), 0.0) * 1e3
-            print(f"| {r['workload']} | {p} | {pred:.1f} | {meas:.1f} |"
-                  f" {100 * (pred - meas) / meas:+.0f}% |")
-    print("\nPer phase, predicted / measured ms (measured: each phase's per-rank mean, slowest"
-          " rank; the phases of the slowest rank need not add up to its iteration):\n")
+            cells = " | ".join(f"{1e3 * c.predicted_s[p]:.1f} / {c.measured_ms(p):.1f}"
+                               for c in cs)
+            errs = [c.error(p) for c in cs]
+            listed = ", ".join(f"{100 * e:+.0f}%" for e in errs)
+            print(f"| {name} | {p} | {cells} | {listed} | {100 * statistics.median(errs):+.0f}% |")
+    print("\nPer phase in the last cycle, predicted / measured ms (measured: each phase's per-rank"
+          " mean, slowest rank; a rank waiting for a peer counts the wait in send/recv or"
+          " param sync):\n")
     print("| workload | plan | compute | send_recv | param_sync | optimizer |")
     print("|---|---|---:|---:|---:|---:|")
-    for r in results:
+    for name, cs in cycles.items():
+        last = cs[-1]
         for p in PLANNED:
-            pp = predicted_phases.get((r["workload"], p), {})
-            mp = r.get("phases_s", {}).get(p, {})
+            pp = last.predicted_phases[p]
+            mp = last.measured.get("phases_s", {}).get(p, {})
             cells = " | ".join(f"{1e3 * pp.get(k, 0.0):.1f} / {1e3 * mp.get(k, 0.0):.1f}"
                                for k in ("compute", "send_recv", "param_sync", "optimizer"))
-            print(f"| {r['workload']} | {p} | {cells} |")
+            print(f"| {name} | {p} | {cells} |")
     return 0
 
 
