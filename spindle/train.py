@@ -63,6 +63,7 @@ from spindle.plan import Plan, PlanError, write_atomic  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
 from spindle.runtime.model import check_supported  # noqa: E402
+from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES  # noqa: E402
 from spindle.workload import Workload, WorkloadError, load_workload  # noqa: E402
 
 log = logging.getLogger("spindle.train")
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one JSON line per iteration (rank 0)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds a collective may wait before the job fails (default 120)")
+    p.add_argument("--no-overlap-sync", action="store_true",
+                   help="all-reduce the gradients after the whole backward instead of each"
+                        " bucket as soon as the backward waves have made it final")
+    p.add_argument("--min-bucket-bytes", type=int, default=DEFAULT_MIN_BUCKET_BYTES,
+                   metavar="N",
+                   help="a sync bucket ends where the ready wave changes once it holds N bytes"
+                        f" (default {DEFAULT_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="log more")
     return p
@@ -209,7 +217,8 @@ def train_plan(
     run = TrainingRun(
         workload, plan, env.rank, env.world_size, device, seed=args.seed,
         dtype=DTYPES[args.dtype], lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
-        timeout_s=args.timeout,
+        timeout_s=args.timeout, overlap_sync=not args.no_overlap_sync,
+        min_bucket_bytes=args.min_bucket_bytes,
     )
     tasks = run.task_names
     desc = plan.planner if len(args.plan) == 1 else f"{label} ({plan.planner})"

@@ -192,7 +192,7 @@ def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], 
 
 
 def _train_plans(tmp_path: Path, workload: str, nproc: int, plans: dict[str, Plan],
-                 dtype: str) -> Path:
+                 dtype: str, extra: tuple[str, ...] = ()) -> Path:
     paths = []
     for label, plan in plans.items():
         path = tmp_path / f"{label}.json"
@@ -202,7 +202,7 @@ def _train_plans(tmp_path: Path, workload: str, nproc: int, plans: dict[str, Pla
     proc = run_train(nproc, workload, [
         "--plan", *paths, "--steps", str(STEPS), "--seed", str(SEED), "--dtype", dtype,
         "--save", str(out), "--metrics", str(tmp_path / "metrics.jsonl"), "--no-progress",
-        "--timeout", "60",
+        "--timeout", "60", *extra,
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -219,11 +219,27 @@ def test_every_plan_trains_like_one_process_float64(
 ) -> None:
     w = load_workload(workload)
     plans = all_plans(w, nproc)
-    out = _train_plans(tmp_path, workload, nproc, plans, "float64")
+    # the most demanding sync schedule: one bucket per ready wave, each all-reduced under the
+    # remaining backward waves
+    out = _train_plans(tmp_path, workload, nproc, plans, "float64", ("--min-bucket-bytes", "0"))
     want = reference(workload, "float64")
     for label in plans:
         got = torch.load(out / label / "params.pt")
         assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/{nproc}/{label}")
+
+
+@pytest.mark.slow
+def test_sync_after_backward_trains_like_one_process(tmp_path: Path) -> None:
+    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) is the same
+    update as the overlapped sync."""
+    workload = "tiny-ofasys"
+    plans = {k: v for k, v in all_plans(load_workload(workload), 2).items()
+             if k in ("spindle", "mixed")}
+    out = _train_plans(tmp_path, workload, 2, plans, "float64", ("--no-overlap-sync",))
+    want = reference(workload, "float64")
+    for label in plans:
+        got = torch.load(out / label / "params.pt")
+        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/2/{label}/after")
 
 
 def is_gradient_free(name: str) -> bool:

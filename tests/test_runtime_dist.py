@@ -129,6 +129,46 @@ def test_pools_group_parameters_by_device_group_in_a_fixed_order() -> None:
     assert build_pools(dict(reversed(list(groups.items())))) == pools
 
 
+def test_ready_waves_are_the_earliest_wave_using_a_parameter() -> None:
+    from spindle.runtime.localise import parameter_ready_waves
+
+    w = load_workload("tiny-qwen-val")
+    plan = sequential_hand_plan(w, 2)
+    ready = parameter_ready_waves(w, plan)
+    assert set(ready) == set(all_parameter_names(w))
+    for name, wave in ready.items():
+        using = [wi for wi, wv in enumerate(plan.waves) for s in wv.slices
+                 for ref in plan.metaops[s.metaop].layers[s.layer_start:s.layer_end]
+                 if name in parameter_names(w, ref)]
+        assert wave == min(using), name
+    # the LLM is shared by the three tasks: final only after the first task's LM wave
+    assert len(set(ready.values())) > 1
+
+
+def test_sync_buckets_follow_the_ready_waves_and_the_size_caps() -> None:
+    from spindle.runtime.param_groups import ParameterGroups
+
+    groups = {"a": (0, 1), "b": (0, 1), "c": (0, 1), "d": (0, 1, 2), "solo": (0,)}
+    ready = {"a": 3, "b": 1, "c": 3, "d": 2, "solo": 0}
+    mib = 1 << 20
+    sizes = {"a": 2 * mib, "b": mib, "c": mib, "d": mib, "solo": mib}
+
+    def buckets(cap: int, least: int) -> list[tuple[tuple[str, ...], int]]:
+        pg = ParameterGroups(groups, 0, 1, ready_wave=ready, param_bytes=sizes,
+                             bucket_bytes=cap, min_bucket_bytes=least)
+        return [(b.names, b.ready_wave) for b in pg.buckets]
+
+    # launch order: descending ready wave; one-rank pools are never synced
+    assert buckets(25 * mib, mib) == [(("a", "c"), 3), (("d",), 2), (("b",), 1)]
+    assert buckets(int(2.5 * mib), mib) == [(("a",), 3), (("c",), 3), (("d",), 2), (("b",), 1)]
+    # below the minimum a bucket runs on past a ready-wave change: it is final at the later
+    assert buckets(25 * mib, 8 * mib) == [(("d",), 2), (("a", "c", "b"), 1)]
+    # without ready waves (no overlap): one bucket per pool, final at the end (wave 0)
+    pg = ParameterGroups(groups, 0, 1, param_bytes=sizes)
+    assert [(b.names, b.ready_wave) for b in pg.buckets] == [
+        (("a", "b", "c"), 0), (("d",), 0)]
+
+
 def test_combine_ranks_takes_the_slowest_phase_and_sums_bytes_and_losses() -> None:
     tasks = ["t1", "t2"]
     a = RankIteration(1.0, 0.1, {p: 0.1 for p in PHASES}, 100, 50, 8, {"t1": 0.5})

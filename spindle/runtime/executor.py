@@ -12,7 +12,9 @@
   leaves then travel back to the producers' rows and ranks, where they are summed.
 
 :class:`TrainingRun` adds what happens around it: localisation, the parameter device groups'
-gradient all-reduce, clipping by the true global norm, the AdamW step, and the measurements.
+gradient all-reduce (each bucket started as soon as the backward waves have made it final, under
+the remaining ones: :mod:`spindle.runtime.param_groups`), clipping by the true global norm, the
+AdamW step, and the measurements.
 The executor only executes what the plan says: who runs which layers on which rows is read off
 the plan by :mod:`spindle.runtime.localise`.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +46,7 @@ from spindle.runtime.model import (
     parameter_shape,
     run_operator,
 )
-from spindle.runtime.param_groups import ParameterGroups
+from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES, ParameterGroups
 from spindle.runtime.transmission import TransmissionSchedule, Transmitter, ValueKey
 from spindle.workload import Workload
 
@@ -94,6 +97,8 @@ class WaveExecutor:
         self.device = device
         self.my_slices: dict[int, tuple[SliceRef, Slice]] = slices_of_rank(plan, rank)
         self._raw: dict[tuple[str, str, RowRange], torch.Tensor | None] = {}
+        # called with every wave index after its backward and gradient send (the sync overlap)
+        self.after_backward: Callable[[int], None] | None = None
 
     # -- input data -----------------------------------------------------------------------------
     def prepare_data(self, step: int) -> None:
@@ -160,6 +165,8 @@ class WaveExecutor:
                     }
             with self.timer.phase("send_recv"):
                 self.transmitter.backward(w, input_grads, produced, output_grads)
+            if self.after_backward is not None:
+                self.after_backward(w)
         return result
 
     def _run_slice(
@@ -253,6 +260,8 @@ class TrainingRun:
         weight_decay: float = 0.01,
         clip: float = 1.0,
         timeout_s: float | None = None,
+        overlap_sync: bool = True,
+        min_bucket_bytes: int = DEFAULT_MIN_BUCKET_BYTES,
     ) -> None:
         self.workload = workload
         self.plan = plan
@@ -263,12 +272,20 @@ class TrainingRun:
         self.clip = clip
         self.task_names = [t.name for t in workload.tasks]
         self.local = localise(workload, plan, rank, seed, dtype, device)
-        self.groups = ParameterGroups(self.local.device_groups, rank, world_size, device, dtype)
+        self.overlap_sync = overlap_sync
+        self.groups = ParameterGroups(
+            self.local.device_groups, rank, world_size, device, dtype,
+            ready_wave=self.local.ready_wave if overlap_sync else None,
+            param_bytes={n: p.numel() * p.element_size() for n, p in self.local.params.items()},
+            timeout_s=timeout_s, min_bucket_bytes=min_bucket_bytes,
+        )
         schedule = TransmissionSchedule.build(plan)
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=timeout_s)
         self.timer = PhaseTimer(device)
         self.executor = WaveExecutor(workload, plan, rank, self.local, self.transmitter,
                                      self.timer, seed, dtype, device)
+        if overlap_sync:
+            self.executor.after_backward = self._launch_ready
         params = list(self.local.params.values())
         self.optimizer = (
             # foreach: the multi-tensor kernels, bit-identical to the per-tensor loop, faster
@@ -298,7 +315,7 @@ class TrainingRun:
                 self.optimizer.zero_grad(set_to_none=True)
         result = self.executor.forward_backward(step)
         with self.timer.phase("param_sync"):
-            sync_bytes = self.groups.sync_gradients(self.local.params)
+            sync_bytes = self.groups.finish(self.local.params)
         with self.timer.phase("optimizer"):
             norm = self.groups.clip_gradients(self.local.params, self.clip)
             if self.optimizer is not None:
@@ -314,6 +331,10 @@ class TrainingRun:
             ),
             grad_norm=norm,
         )
+
+    def _launch_ready(self, wave: int) -> None:
+        with self.timer.phase("param_sync"):
+            self.groups.launch_ready(wave, self.local.params)
 
     def gather_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every logical parameter on rank 0 (None on the other ranks); collective."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -122,13 +122,27 @@ def parameter_device_groups(workload: Workload, plan: Plan) -> dict[str, tuple[i
     return {name: tuple(sorted(ranks)) for name, ranks in sorted(holders.items())}
 
 
+def parameter_ready_waves(workload: Workload, plan: Plan) -> dict[str, int]:
+    """Logical parameter name -> the earliest wave with a slice that uses it: backward runs the
+    waves in reverse, so after that wave's backward its gradient is final on every rank."""
+    names_of = _NameCache(workload)
+    ready: dict[str, int] = {}
+    for ref, s in iter_slices(plan):
+        for layer in slice_layers(plan, s):
+            for name in names_of(layer):
+                ready[name] = min(ready.get(name, ref.wave), ref.wave)
+    return dict(sorted(ready.items()))
+
+
 @dataclass
 class LocalModel:
-    """One rank's share of the model: its parameters and every parameter's device group."""
+    """One rank's share of the model: its parameters, every parameter's device group and the
+    wave after whose backward its gradient is final."""
 
     rank: int
     params: dict[str, torch.nn.Parameter]  # sorted by logical name
     device_groups: dict[str, tuple[int, ...]]  # every parameter of the plan, sorted by name
+    ready_wave: dict[str, int] = field(default_factory=dict)  # every parameter of the plan
 
     @property
     def num_elements(self) -> int:
@@ -152,7 +166,7 @@ def localise(
         shape = tuple(parameter_shape(workload, name))
         value = init_parameter(name, shape, seed, dtype)
         params[name] = torch.nn.Parameter(value.to(device=device, dtype=dtype))
-    local = LocalModel(rank, params, groups)
+    local = LocalModel(rank, params, groups, parameter_ready_waves(workload, plan))
     log.debug("rank %d holds %d of %d parameters (%d elements)", rank, len(params), len(groups),
               local.num_elements)
     return local

@@ -11,6 +11,18 @@ already return their share of a task's loss divided by the task's *global* count
 contract), so the gradient of the objective is the plain sum of every rank's local gradient; a
 rank outside ``D`` never touches ``W`` and contributes zero.
 
+Overlap with backward (SPINDLE.md section 10): a parameter's gradient is final once the backward
+of the earliest wave that uses it has run, on every rank (its *ready wave*, read off the plan by
+:func:`spindle.runtime.localise.parameter_ready_waves`).  A pool's parameters are bucketed in
+descending ready wave (and by name), a bucket ending when it would exceed ``bucket_bytes`` or, once
+it holds ``min_bucket_bytes``, where the ready wave changes (DDP's buckets, in the plan's order).
+:meth:`ParameterGroups.launch_ready` is called by every rank after the backward of every wave, in
+the same order, and starts the asynchronous all-reduce of each bucket that became final;
+:meth:`ParameterGroups.finish` waits for them all and copies the sums back.  Every rank of a
+pool launches the same buckets at the same wave, so every group sees one collective order; the
+sync collectives run on process groups of their own (the world's too), apart from the default
+group that carries the inter-wave P2P traffic and the clip norm.
+
 The global gradient norm counts every parameter once: after the sync all replicas hold the same
 gradient, so only the lowest rank of each ``D`` adds its squared norm before one all-reduce over
 the world.  Clipping then scales by ``max_norm / (norm + 1e-6)`` clamped to 1, exactly like
@@ -22,14 +34,27 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
+from spindle.plan import SYNC_BUCKET_BYTES, SYNC_MIN_BUCKET_BYTES
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+DEFAULT_BUCKET_BYTES = SYNC_BUCKET_BYTES  # DDP's bucket_cap_mb
+DEFAULT_MIN_BUCKET_BYTES = SYNC_MIN_BUCKET_BYTES  # DDP's first bucket: sync early in backward
+
+
+@dataclass(frozen=True)
+class SyncBucket:
+    """Gradients all-reduced together: parameters of one pool, final after ``ready_wave``."""
+
+    ranks: tuple[int, ...]
+    names: tuple[str, ...]
+    ready_wave: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,10 @@ class ParameterGroups:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        ready_wave: Mapping[str, int] | None = None,
+        min_bucket_bytes: int = DEFAULT_MIN_BUCKET_BYTES,
+        param_bytes: Mapping[str, int] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.device_groups = dict(device_groups)
         self.device = torch.device(device)
@@ -73,63 +102,101 @@ class ParameterGroups:
         self.rank = rank
         self.world_size = world_size
         self.bucket_bytes = bucket_bytes
+        self.min_bucket_bytes = min_bucket_bytes
+        # without ready waves every gradient is final only at the end (wave 0)
+        self.ready_wave = dict(ready_wave or {})
         self.pools = build_pools(device_groups)
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for pool in self.pools:
             if len(pool.ranks) <= 1:
                 continue
-            if len(pool.ranks) == world_size:
-                self._groups[pool.ranks] = None  # the default (world) group
-            else:
-                self._groups[pool.ranks] = dist.new_group(list(pool.ranks))
+            # a group of its own for every pool, the world's too: the default group carries the
+            # inter-wave P2P traffic, which must not queue behind (or ahead of) a sync
+            # (with the run's timeout: a peer that stops answering fails the wait, not hangs it)
+            self._groups[pool.ranks] = dist.new_group(
+                list(pool.ranks),
+                timeout=timedelta(seconds=timeout_s) if timeout_s else None,
+            ) if world_size > 1 else None
         self.local_pools = [p for p in self.pools if rank in p.ranks]
-        log.debug("rank %d: %d pools, %d local, %d process groups", rank, len(self.pools),
-                  len(self.local_pools), len(self._groups))
+        self.param_bytes = dict(param_bytes or {})  # sizes for the bucket caps (0 if unknown)
+        self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
+        self._launched: set[int] = set()
+        self._bytes = 0
+        self.buckets = self._plan_buckets()
+        log.debug("rank %d: %d pools, %d local, %d process groups, %d buckets", rank,
+                  len(self.pools), len(self.local_pools), len(self._groups), len(self.buckets))
 
-    def sync_gradients(self, params: Mapping[str, torch.nn.Parameter]) -> int:
-        """All-reduce (SUM) every local pool's gradients inside its device group; returns the
-        bytes this rank contributed to all-reduces."""
-        handles: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
-        nbytes = 0
+    # -- buckets ---------------------------------------------------------------------------------
+    def _plan_buckets(self) -> list[SyncBucket]:
+        """This rank's buckets, in launch order (descending ready wave, then pool order)."""
+        buckets: list[SyncBucket] = []
         for pool in self.local_pools:
             if len(pool.ranks) <= 1:
                 continue
-            group = self._groups[pool.ranks]
-            for bucket in self._buckets(pool, params):
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                nbytes += flat.numel() * flat.element_size()
-                work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-                handles.append((work, flat, bucket))
-        for work, flat, bucket in handles:
-            work.wait()
-            at = 0
-            for g in bucket:
-                g.copy_(flat[at:at + g.numel()].view_as(g))
-                at += g.numel()
-        return nbytes
+            names = sorted(pool.names, key=lambda n: (-self.ready_wave.get(n, 0), n))
+            current: list[str] = []
+            size = 0
+            for name in names:
+                nb = self.param_bytes.get(name, 0)
+                wave = self.ready_wave.get(name, 0)
+                if current and (size + nb > self.bucket_bytes or (
+                        size >= self.min_bucket_bytes
+                        and wave != self.ready_wave.get(current[-1], 0))):
+                    buckets.append(SyncBucket(pool.ranks, tuple(current),
+                                              min(self.ready_wave.get(n, 0) for n in current)))
+                    current, size = [], 0
+                current.append(name)
+                size += nb
+            if current:
+                buckets.append(SyncBucket(pool.ranks, tuple(current),
+                                          min(self.ready_wave.get(n, 0) for n in current)))
+        buckets.sort(key=lambda b: -b.ready_wave)  # stable: pool order within a wave
+        return buckets
 
-    def _buckets(
-        self, pool: ParameterPool, params: Mapping[str, torch.nn.Parameter]
-    ) -> list[list[torch.Tensor]]:
-        buckets: list[list[torch.Tensor]] = []
-        current: list[torch.Tensor] = []
-        size = 0
-        dtype: torch.dtype | None = None
-        for name in pool.names:
+    # -- the sync ----------------------------------------------------------------------------
+    def launch_ready(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Start the all-reduce of every bucket whose gradients are final once the backward of
+        ``wave`` has run (every rank calls this after every wave's backward, in order)."""
+        for i, bucket in enumerate(self.buckets):
+            if i not in self._launched and bucket.ready_wave >= wave:
+                self._launch(i, bucket, params)
+
+    def _launch(
+        self, index: int, bucket: SyncBucket, params: Mapping[str, torch.nn.Parameter]
+    ) -> None:
+        grads: list[torch.Tensor] = []
+        for name in bucket.names:
             p = params[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            g = p.grad
-            nb = g.numel() * g.element_size()
-            if current and (size + nb > self.bucket_bytes or g.dtype != dtype):
-                buckets.append(current)
-                current, size = [], 0
-            current.append(g)
-            size += nb
-            dtype = g.dtype
-        if current:
-            buckets.append(current)
-        return buckets
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._bytes += flat.numel() * flat.element_size()
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[bucket.ranks],
+                               async_op=True)
+        self._pending.append((work, flat, grads))
+        self._launched.add(index)
+
+    def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:
+        """Launch what is left, wait for every bucket and copy the sums into the gradients;
+        returns the bytes this rank contributed to all-reduces this iteration."""
+        for i, bucket in enumerate(self.buckets):
+            if i not in self._launched:
+                self._launch(i, bucket, params)
+        for work, flat, grads in self._pending:
+            work.wait()
+            at = 0
+            for g in grads:
+                g.copy_(flat[at:at + g.numel()].view_as(g))
+                at += g.numel()
+        nbytes = self._bytes
+        self._pending, self._launched, self._bytes = [], set(), 0
+        return nbytes
+
+    def sync_gradients(self, params: Mapping[str, torch.nn.Parameter]) -> int:
+        """All-reduce (SUM) every local pool's gradients inside its device group at once (no
+        overlap); returns the bytes this rank contributed to all-reduces."""
+        return self.finish(params)
 
     def global_grad_norm(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         """The 2-norm of the whole model's gradient, each parameter counted once."""
