@@ -54,6 +54,10 @@ class HardwareModel:
     # AdamW step (optional: 0 = not modelled): memory-bound, bytes moved per parameter / bandwidth
     memory_bandwidth: float = 0.0
     optimizer_bytes_per_param: float = 0.0
+    # how much of the gradient sync that the runtime starts under the remaining backward waves
+    # really runs alongside them (1: all of it, as NCCL on its own stream; 0: none, as gloo
+    # sharing the CPU cores with the compute)
+    sync_overlap: float = 0.0
     sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def efficiency(self, work_flops: float) -> float:
@@ -117,6 +121,10 @@ class _Fraction(_Sourced):
     value: float = Field(gt=0, le=1)
 
 
+class _UnitInterval(_Sourced):
+    value: float = Field(ge=0, le=1)
+
+
 class _PositiveInt(_Sourced):
     value: int = Field(gt=0)
 
@@ -138,6 +146,7 @@ class _HardwareSpec(BaseModel):
     grad_bytes: _PositiveInt
     memory_bandwidth: _PositiveFloat | None = None
     optimizer_bytes_per_param: _PositiveFloat | None = None
+    sync_overlap: _UnitInterval | None = None
 
 
 _SOURCED_FIELDS = tuple(f for f in _HardwareSpec.model_fields if f != "description")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -413,10 +414,12 @@ def place_candidates(
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
+    wave_compute: Sequence[float] | None = None,
 ) -> list[PlacementCandidate]:
     """Every placement :func:`place` chooses from: the greedy placement under each weighting of
     :data:`VARIANTS`, and the sequential placement when it fits memory; each with its simulated
-    send/recv and parameter-sync time on ``cluster``'s links."""
+    send/recv and parameter-sync time on ``cluster``'s links (with the waves' compute times, the
+    sync overlapped with backward as the simulator has it)."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
     index = index or ParameterIndex(graph)
@@ -425,7 +428,7 @@ def place_candidates(
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
         plan = Plan(name, graph.workload.name, "", cluster.num_devices, cluster.devices_per_node,
                     cluster.hardware.name, plan_metaops(graph), tuple(placed))
-        return PlacementCandidate(name, placed, communication(plan, graph, links))
+        return PlacementCandidate(name, placed, communication(plan, graph, links, wave_compute))
 
     out: list[PlacementCandidate] = []
     errors: list[PlacementError] = []
@@ -459,6 +462,7 @@ def place(
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
+    wave_compute: Sequence[float] | None = None,
 ) -> list[Wave]:
     """Spindle's topology- and memory-aware placement of ``waves`` on ``cluster``: the best of
     :func:`place_candidates` by simulated communication time (module docstring).
@@ -466,7 +470,7 @@ def place(
     device memory (``math.inf`` turns the memory check off).  Raises :class:`PlacementError`
     when no candidate fits."""
     best = best_candidate(place_candidates(graph, waves, cluster, memory_model, capacity_bytes,
-                                           index))
+                                           index, wave_compute))
     log.info("placement: %s (send/recv %.3g s, sync %.3g s, %.3g GB inter-node)", best.name,
              best.communication.send_recv_s, best.communication.sync_s,
              best.communication.bytes_inter / GB)

@@ -26,6 +26,13 @@ from spindle.graph import LOSS_KIND, MetaGraph
 
 PLAN_VERSION = 1
 
+# How the runtime buckets gradients for the parameter sync (spindle.runtime.param_groups), here so
+# that the simulator models the same buckets without importing torch: a bucket holds at most
+# SYNC_BUCKET_BYTES (DDP's bucket_cap_mb), and ends where the ready wave changes once it holds
+# SYNC_MIN_BUCKET_BYTES (DDP's first bucket), so that syncing starts early in backward.
+SYNC_BUCKET_BYTES = 25 * 1024 * 1024
+SYNC_MIN_BUCKET_BYTES = 1024 * 1024
+
 
 class PlanError(ValueError):
     """A plan that is malformed or inconsistent; the message is one line."""

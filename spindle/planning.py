@@ -30,7 +30,13 @@ from spindle.placement import PlacementError, place, place_naive
 from spindle.plan import Plan, plan_metaops, validate_plan
 from spindle.planners import PLANNERS, PlanningError, plan_waves
 from spindle.scalability import make_estimator
-from spindle.simulator import Links, SimulationResult, links_for_cluster, simulate
+from spindle.simulator import (
+    Links,
+    SimulationResult,
+    links_for_cluster,
+    simulate,
+    wave_compute_times,
+)
 from spindle.workload import Workload, load_workload
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
@@ -167,7 +173,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     else:
         capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
         placed = place(ctx.graph, waves, ctx.cluster, ctx.memory_model, capacity,
-                       ctx.parameter_index)
+                       ctx.parameter_index,
+                       wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links))
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,

@@ -41,18 +41,41 @@ import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from spindle.cluster import Cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph
-from spindle.memory import parameter_holders
-from spindle.plan import Plan, executing_devices, transfer_rows
+from spindle.memory import ParameterIndex, parameter_holders
+from spindle.plan import (
+    SYNC_BUCKET_BYTES,
+    SYNC_MIN_BUCKET_BYTES,
+    Plan,
+    executing_devices,
+    transfer_rows,
+)
 
 if TYPE_CHECKING:
     from spindle.profiler import Profile
 
 log = logging.getLogger(__name__)
+
+
+class _SliceLike(Protocol):
+    metaop: int
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def n(self) -> int: ...
+
+
+class WaveLike(Protocol):
+    """A wave before placement (:class:`spindle.schedule.WaveSpec`) or after (a plan's)."""
+
+    @property
+    def slices(self) -> Sequence[_SliceLike]: ...
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,13 @@ class Links:
     # what the runtime spends per wave beyond the slices' chains (a measured profile's
     # runtime calibration; 0 for the GPU presets, where no runtime was timed)
     wave_overhead_s: float = 0.0
+    # the share of the gradient sync started under the remaining backward waves that really
+    # overlaps them (HardwareModel.sync_overlap), and backward's share of a wave's compute
+    sync_overlap: float = 0.0
+    backward_share: float = 2.0 / 3.0
+    # the runtime's sync buckets (spindle.runtime.param_groups; --min-bucket-bytes)
+    sync_bucket_bytes: float = SYNC_BUCKET_BYTES
+    sync_min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES
     # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
     # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
     # and a P2P exchange of that many bytes each way
@@ -147,7 +177,7 @@ def links_for_cluster(
         activation_bytes=activation_bytes or cluster.memory_model().activation_bytes,
         grad_bytes=hw.grad_bytes,
         inter_node_latency_s=hw.inter_node_latency_s,
-        optimizer_per_param_s=hw.optimizer_time(1.0),
+        optimizer_per_param_s=hw.optimizer_time(1.0), sync_overlap=hw.sync_overlap,
     )
     if profile is None:
         return links
@@ -263,9 +293,24 @@ class Communication:
         return self.send_recv_s + self.sync_s
 
 
-def communication(plan: Plan, graph: MetaGraph, links: Links) -> Communication:
+def wave_compute_times(waves: Sequence[WaveLike], graph: MetaGraph, estimator: Estimator,
+                       links: Links) -> list[float]:
+    """Every wave's compute (forward + backward): its slowest slice under the estimator's
+    compute time, plus the runtime's per-wave cost."""
+    return [
+        max((s.num_layers * estimator.compute_time(graph.metaops[s.metaop], s.n)
+             for s in wave.slices), default=0.0) + links.wave_overhead_s
+        for wave in waves
+    ]
+
+
+def communication(plan: Plan, graph: MetaGraph, links: Links,
+                  wave_compute: Sequence[float] | None = None) -> Communication:
     """Send/recv time and bytes of every wave boundary (forward, then the same volume of
-    gradients back) and the parameter-sync time of the plan's device groups."""
+    gradients back) and the parameter-sync time of the plan's device groups.  With the waves'
+    compute times and ``links.sync_overlap > 0``, the sync is what is left after backward when
+    buckets start under the remaining backward waves (:func:`overlapped_sync_s`), blended with
+    the serial sync by ``sync_overlap``."""
     send_recv = latency = 0.0
     exchanges = 0
     total = intra = inter = 0.0
@@ -314,7 +359,85 @@ def communication(plan: Plan, graph: MetaGraph, links: Links) -> Communication:
         for d in group:
             per_device_sync[d] += t
     sync = max(per_device_sync.values(), default=0.0)
+    if wave_compute is not None and links.sync_overlap > 0:
+        exposed = overlapped_sync_s(plan, graph, links, wave_compute)
+        sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
     return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
+
+
+@dataclass(frozen=True)
+class SyncBucket:
+    """Gradients the runtime all-reduces together: ``nbytes`` inside ``group``, final after the
+    backward of wave ``ready_wave``."""
+
+    group: tuple[int, ...]
+    nbytes: float
+    ready_wave: int
+
+
+def sync_buckets(plan: Plan, graph: MetaGraph, links: Links,
+                 index: ParameterIndex | None = None) -> list[SyncBucket]:
+    """The runtime's sync buckets (:mod:`spindle.runtime.param_groups`), in launch order: per
+    pool, the parameters by descending ready wave (the earliest wave using them) and name, cut
+    at ``links.sync_bucket_bytes`` or, past ``links.sync_min_bucket_bytes``, where the ready
+    wave changes; then all buckets by descending ready wave (pools in the runtime's order: by
+    size, then ranks)."""
+    index = index or ParameterIndex(graph)
+    holders: dict[int, set[int]] = defaultdict(set)
+    ready: dict[int, int] = {}
+    for wi, wave in enumerate(plan.waves):
+        for s in wave.slices:
+            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+            devices = executing_devices(graph.metaops[s.metaop], s.devices)
+            for pid in ids.tolist():
+                holders[pid].update(devices)
+                ready[pid] = min(ready.get(pid, wi), wi)
+    pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for pid, devs in holders.items():
+        if len(devs) > 1:
+            pools[tuple(sorted(devs))].append(pid)
+    buckets: list[SyncBucket] = []
+    for group in sorted(pools, key=lambda g: (len(g), g)):
+        ids = sorted(pools[group], key=lambda i: (-ready[i], index.names[i]))
+        current: list[int] = []
+        size = 0.0
+        for pid in ids:
+            nb = float(index.sizes[pid]) * links.grad_bytes
+            if current and (size + nb > links.sync_bucket_bytes or (
+                    size >= links.sync_min_bucket_bytes and ready[pid] != ready[current[-1]])):
+                buckets.append(SyncBucket(group, size, min(ready[i] for i in current)))
+                current, size = [], 0.0
+            current.append(pid)
+            size += nb
+        if current:
+            buckets.append(SyncBucket(group, size, min(ready[i] for i in current)))
+    buckets.sort(key=lambda b: -b.ready_wave)
+    return buckets
+
+
+def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
+                      wave_compute: Sequence[float]) -> float:
+    """The gradient sync left after backward when every bucket starts as soon as the backward
+    waves have made it final (the runtime's overlap).  Forward takes ``1 - backward_share`` of
+    every wave's compute, backward the rest, in reverse wave order; a device runs its buckets'
+    all-reduces one after another, and a bucket starts when it is final and every device of its
+    group is free.  Returns how far the last all-reduce ends after the backward."""
+    fwd = (1.0 - links.backward_share) * sum(wave_compute)
+    done_after: dict[int, float] = {}
+    t = fwd
+    for w in reversed(range(len(wave_compute))):
+        t += links.backward_share * wave_compute[w]
+        done_after[w] = t
+    backward_end = t
+    free: dict[int, float] = defaultdict(float)
+    finish = backward_end
+    for b in sync_buckets(plan, graph, links):
+        start = max([done_after.get(b.ready_wave, backward_end)] + [free[d] for d in b.group])
+        end = start + links.allreduce_s(b.nbytes, b.group)
+        for d in b.group:
+            free[d] = end
+        finish = max(finish, end)
+    return finish - backward_end
 
 
 def device_parameters(plan: Plan, graph: MetaGraph) -> list[float]:
@@ -352,7 +475,7 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
         schedule += sched_w
         compute += comp_w
         wave_compute.append(comp_w)
-    comm = communication(plan, graph, links)
+    comm = communication(plan, graph, links, wave_compute)
     held = device_parameters(plan, graph)
     return SimulationResult(
         schedule_s=schedule, compute_s=compute, send_recv_s=comm.send_recv_s, sync_s=comm.sync_s,
