@@ -777,7 +777,8 @@ def _time_sync(rank: int, world: int, nbytes: int, repeats: int) -> list[float]:
     for prm in params.values():
         prm.grad = torch.zeros_like(prm)
     everyone = tuple(range(world))
-    groups = ParameterGroups({name: everyone for name in params}, rank, world)
+    groups = ParameterGroups({name: everyone for name in params}, rank, world,
+                             param_bytes={n: 4 * prm.numel() for n, prm in params.items()})
     for _ in range(2):
         groups.sync_gradients(params)
     times = []
