@@ -20,11 +20,12 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence, TypeVar
 
 from spindle.graph import LOSS_KIND, MetaGraph
 
 PLAN_VERSION = 1
+K = TypeVar("K")
 
 # How the runtime buckets gradients for the parameter sync (spindle.runtime.param_groups), here so
 # that the simulator models the same buckets without importing torch: a bucket holds at most
@@ -32,6 +33,32 @@ PLAN_VERSION = 1
 # SYNC_MIN_BUCKET_BYTES (DDP's first bucket), so that syncing starts early in backward.
 SYNC_BUCKET_BYTES = 25 * 1024 * 1024
 SYNC_MIN_BUCKET_BYTES = 1024 * 1024
+
+
+def sync_bucket_runs(
+    items: Sequence[tuple[K, int, float]],
+    bucket_bytes: float = SYNC_BUCKET_BYTES,
+    min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
+) -> list[list[K]]:
+    """The sync-bucket rule, for the runtime and the simulator alike: one pool's parameters
+    ``(key, ready_wave, nbytes)`` in launch order (descending ready wave, then name) are cut
+    into buckets; a bucket ends before a parameter that would take it past ``bucket_bytes``,
+    or, once it holds ``min_bucket_bytes``, before one with another ready wave."""
+    buckets: list[list[K]] = []
+    current: list[K] = []
+    size = 0.0
+    previous = 0
+    for key, wave, nbytes in items:
+        if current and (size + nbytes > bucket_bytes
+                        or (size >= min_bucket_bytes and wave != previous)):
+            buckets.append(current)
+            current, size = [], 0.0
+        current.append(key)
+        size += nbytes
+        previous = wave
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 class PlanError(ValueError):

@@ -52,6 +52,7 @@ from spindle.plan import (
     SYNC_MIN_BUCKET_BYTES,
     Plan,
     executing_devices,
+    sync_bucket_runs,
     transfer_rows,
 )
 
@@ -399,18 +400,11 @@ def sync_buckets(plan: Plan, graph: MetaGraph, links: Links,
     buckets: list[SyncBucket] = []
     for group in sorted(pools, key=lambda g: (len(g), g)):
         ids = sorted(pools[group], key=lambda i: (-ready[i], index.names[i]))
-        current: list[int] = []
-        size = 0.0
-        for pid in ids:
-            nb = float(index.sizes[pid]) * links.grad_bytes
-            if current and (size + nb > links.sync_bucket_bytes or (
-                    size >= links.sync_min_bucket_bytes and ready[pid] != ready[current[-1]])):
-                buckets.append(SyncBucket(group, size, min(ready[i] for i in current)))
-                current, size = [], 0.0
-            current.append(pid)
-            size += nb
-        if current:
-            buckets.append(SyncBucket(group, size, min(ready[i] for i in current)))
+        nbytes = {i: float(index.sizes[i]) * links.grad_bytes for i in ids}
+        for run in sync_bucket_runs([(i, ready[i], nbytes[i]) for i in ids],
+                                    links.sync_bucket_bytes, links.sync_min_bucket_bytes):
+            buckets.append(SyncBucket(group, sum(nbytes[i] for i in run),
+                                      min(ready[i] for i in run)))
     buckets.sort(key=lambda b: -b.ready_wave)
     return buckets
 

@@ -40,7 +40,7 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from spindle.plan import SYNC_BUCKET_BYTES, SYNC_MIN_BUCKET_BYTES
+from spindle.plan import SYNC_BUCKET_BYTES, SYNC_MIN_BUCKET_BYTES, sync_bucket_runs
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +133,12 @@ class ParameterGroups:
         for pool in self.local_pools:
             if len(pool.ranks) <= 1:
                 continue
-            names = sorted(pool.names, key=lambda n: (-self.ready_wave.get(n, 0), n))
-            current: list[str] = []
-            size = 0
-            for name in names:
-                nb = self.param_bytes.get(name, 0)
-                wave = self.ready_wave.get(name, 0)
-                if current and (size + nb > self.bucket_bytes or (
-                        size >= self.min_bucket_bytes
-                        and wave != self.ready_wave.get(current[-1], 0))):
-                    buckets.append(SyncBucket(pool.ranks, tuple(current),
-                                              min(self.ready_wave.get(n, 0) for n in current)))
-                    current, size = [], 0
-                current.append(name)
-                size += nb
-            if current:
-                buckets.append(SyncBucket(pool.ranks, tuple(current),
-                                          min(self.ready_wave.get(n, 0) for n in current)))
+            ready = {n: self.ready_wave.get(n, 0) for n in pool.names}
+            names = sorted(pool.names, key=lambda n: (-ready[n], n))
+            for run in sync_bucket_runs(
+                    [(n, ready[n], float(self.param_bytes.get(n, 0))) for n in names],
+                    self.bucket_bytes, self.min_bucket_bytes):
+                buckets.append(SyncBucket(pool.ranks, tuple(run), min(ready[n] for n in run)))
         buckets.sort(key=lambda b: -b.ready_wave)  # stable: pool order within a wave
         return buckets
 
