@@ -267,6 +267,8 @@ def run(args: argparse.Namespace, env: RankEnv) -> None:
     check_supported(workload)
     if args.steps < 0:
         raise TrainError(f"--steps {args.steps}: must be at least 0")
+    if args.min_bucket_bytes < 0:
+        raise TrainError(f"--min-bucket-bytes {args.min_bucket_bytes}: must be at least 0")
     plans = [Plan.load(p) for p in args.plan]
     for plan, path in zip(plans, args.plan):
         check_plan(plan, workload, env.world_size, path)

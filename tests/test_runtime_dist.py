@@ -259,6 +259,8 @@ def test_plan_for_another_workload_or_missing_plan_is_one_line(tmp_path: Path) -
     for args, want in [
         (["tiny-qwen-val", "--plan", str(plan_path)], "plan is for workload 'tiny-ofasys'"),
         (["tiny-qwen-val", "--plan", str(tmp_path / "nope.json")], "plan file not found"),
+        (["tiny-ofasys", "--plan", str(plan_path), "--min-bucket-bytes", "-1"],
+         "--min-bucket-bytes -1: must be at least 0"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "spindle.train", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
