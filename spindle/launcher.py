@@ -53,6 +53,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, help="measured profile for planning")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds a collective may wait before the job fails")
+    parser.add_argument("--no-overlap-sync", action="store_true",
+                        help="all-reduce gradients after the whole backward (default: each"
+                             " bucket as soon as it is final, under the remaining backward)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -67,6 +70,8 @@ def train_arguments(args: argparse.Namespace, plan_path: Path) -> list[str]:
         out += ["--metrics", str(args.metrics)]
     if args.no_progress:
         out.append("--no-progress")
+    if getattr(args, "no_overlap_sync", False):
+        out.append("--no-overlap-sync")
     if getattr(args, "verbose", False):
         out.append("--verbose")
     return out

@@ -322,6 +322,21 @@ def test_spindle_train_plans_launches_and_saves(tmp_path: Path) -> None:
         run_train_command(wrong)
 
 
+def test_spindle_train_carries_its_options_to_every_rank(tmp_path: Path) -> None:
+    from spindle.launcher import add_train_arguments, train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    plan = tmp_path / "plan.json"
+    plain = train_arguments(parser.parse_args(["tiny-ofasys"]), plan)
+    assert "--no-overlap-sync" not in plain and plain[:3] == ["tiny-ofasys", "--plan", str(plan)]
+    after = train_arguments(parser.parse_args(["tiny-ofasys", "--no-overlap-sync"]), plan)
+    assert "--no-overlap-sync" in after
+    from spindle.train import build_parser
+
+    assert build_parser().parse_args(after).no_overlap_sync
+
+
 def test_launcher_hides_torchrun_report_but_not_rank_lines() -> None:
     import io
     import os
