@@ -452,23 +452,18 @@ def optimizer_time(plan: Plan, graph: MetaGraph, links: Links) -> float:
 
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -> SimulationResult:
     schedule = 0.0
-    compute = 0.0
-    wave_compute: list[float] = []
     busy = [0.0] * plan.num_devices
     for wave in plan.waves:
         sched_w = 0.0
-        comp_w = 0.0
         for s in wave.slices:
             m = graph.metaops[s.metaop]
             sched_w = max(sched_w, s.num_layers * estimator.time(m, s.n))
             t = s.num_layers * estimator.compute_time(m, s.n)
-            comp_w = max(comp_w, t)
             for d in s.devices:
                 busy[d] += t
-        comp_w += links.wave_overhead_s
         schedule += sched_w
-        compute += comp_w
-        wave_compute.append(comp_w)
+    wave_compute = wave_compute_times(plan.waves, graph, estimator, links)
+    compute = sum(wave_compute)
     comm = communication(plan, graph, links, wave_compute)
     held = device_parameters(plan, graph)
     return SimulationResult(
