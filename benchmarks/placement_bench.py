@@ -21,6 +21,7 @@ from spindle.placement import PlacementError, best_candidate, place_candidates
 from spindle.planners import plan_waves, random_workload
 from spindle.planning import PlanResult, evaluate, make_context
 from spindle.scalability import make_estimator
+from spindle.simulator import links_for_cluster, wave_compute_times
 from spindle.cluster import load_cluster
 from spindle.graph import contract
 
@@ -54,8 +55,11 @@ def main() -> None:
                                    check_memory=False)
                 res[placement] = evaluate(ctx, "spindle")
             waves = plan_waves("spindle", ctx.graph, ctx.estimator, n)
+            # ranked as build_plan ranks them: with the waves' compute (the sync overlap)
+            compute = wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links)
             chosen = best_candidate(place_candidates(ctx.graph, waves, ctx.cluster,
-                                                     capacity_bytes=float("inf"))).name
+                                                     capacity_bytes=float("inf"),
+                                                     wave_compute=compute)).name
             s, q = res["spindle"].simulation, res["naive"].simulation
             ratio = (q.send_recv_bytes_inter / s.send_recv_bytes_inter
                      if s.send_recv_bytes_inter else float("inf") if q.send_recv_bytes_inter
@@ -91,7 +95,8 @@ def main() -> None:
     t0 = time.perf_counter()
     waves = plan_waves("spindle", g, est, 1024)
     t1 = time.perf_counter()
-    cands = place_candidates(g, waves, c, capacity_bytes=float("inf"))
+    compute = wave_compute_times(waves, g, est, links_for_cluster(c))
+    cands = place_candidates(g, waves, c, capacity_bytes=float("inf"), wave_compute=compute)
     t2 = time.perf_counter()
     best = best_candidate(cands)
     print(f"50-task random workload ({len(g.metaops)} MetaOps) on 1024 devices: planner"
