@@ -396,17 +396,28 @@ def memory_report(
     return ledger.report(capacity_bytes)
 
 
+def parameter_use(plan: Plan, graph: MetaGraph, index: ParameterIndex
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """For every parameter id of ``index``: which devices hold it (``[ids, devices]`` booleans;
+    a contrastive-loss slice counts only its executing device) and the earliest wave that uses
+    it (its *ready wave*: its gradient is final after that wave's backward; -1 if unused)."""
+    holds = np.zeros((len(index), plan.num_devices), dtype=bool)
+    ready = np.full(len(index), -1, dtype=np.int64)
+    for wi, wave in enumerate(plan.waves):
+        for s in wave.slices:
+            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+            ready[ids[ready[ids] < 0]] = wi
+            for d in executing_devices(graph.metaops[s.metaop], s.devices):
+                holds[ids, d] = True
+    return holds, ready
+
+
 def parameter_holders(plan: Plan, graph: MetaGraph, index: ParameterIndex | None = None
                       ) -> dict[tuple[int, ...], float]:
     """Device group -> parameters held by exactly those devices (the runtime's pools D -> {W},
     SPINDLE.md section 8.3).  A contrastive-loss slice counts only its executing device."""
     index = index or ParameterIndex(graph)
-    holds = np.zeros((len(index), plan.num_devices), dtype=bool)
-    for wave in plan.waves:
-        for s in wave.slices:
-            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
-            for d in executing_devices(graph.metaops[s.metaop], s.devices):
-                holds[ids, d] = True
+    holds, _ = parameter_use(plan, graph, index)
     pools: dict[tuple[int, ...], float] = {}
     for pid in np.flatnonzero(holds.any(axis=1)):
         devs = tuple(int(d) for d in np.flatnonzero(holds[pid]))

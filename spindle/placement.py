@@ -428,7 +428,8 @@ def place_candidates(
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
         plan = Plan(name, graph.workload.name, "", cluster.num_devices, cluster.devices_per_node,
                     cluster.hardware.name, plan_metaops(graph), tuple(placed))
-        return PlacementCandidate(name, placed, communication(plan, graph, links, wave_compute))
+        return PlacementCandidate(name, placed,
+                                  communication(plan, graph, links, wave_compute, index))
 
     out: list[PlacementCandidate] = []
     errors: list[PlacementError] = []

@@ -659,15 +659,15 @@ def time_runtime_phases(workload: Any, plan: Any, warmup: int, repeats: int) -> 
 
 
 def runtime_calibration(
-    workload: Any, plan: Any, entries: dict[Signature, ProfileEntry], measured_s: float
+    ops: list[MetaOp], plan: Any, entries: dict[Signature, ProfileEntry], measured_s: float
 ) -> RuntimeCalibration:
     """:class:`RuntimeCalibration` from the measured phases ``measured_s`` of the one-device
-    ``plan`` and the chain times of its slices in ``entries``."""
-    graph = contract(workload)
+    ``plan`` of the MetaOps ``ops`` and the chain times of its slices in ``entries``."""
+    by_id = {o.id: o for o in ops}
     chains = 0.0
     for wave in plan.waves:
         for sl in wave.slices:
-            op = graph.metaops[sl.metaop]
+            op = by_id[sl.metaop]
             entry = entries[signature(op)]
             at_one = next(pt for pt in entry.points if pt.n == 1)
             chains += at_one.compute_s * (sl.layer_end - sl.layer_start)
@@ -1147,7 +1147,7 @@ def profile_metaops(
     }
     calibration = None
     if plan is not None and runtime_phases is not None:
-        calibration = runtime_calibration(chain_w, plan, entries, runtime_phases)
+        calibration = runtime_calibration(ops, plan, entries, runtime_phases)
         log.info("runtime calibration: %.1f ms of waves against %.1f ms of chains: %.0f us per"
                  " wave", 1e3 * calibration.iteration_s, 1e3 * calibration.chains_s,
                  1e6 * calibration.wave_overhead_s)

@@ -43,10 +43,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+import numpy as np
+
 from spindle.cluster import Cluster
 from spindle.estimator import Estimator
 from spindle.graph import MetaGraph
-from spindle.memory import ParameterIndex, parameter_holders
+from spindle.memory import ParameterIndex, parameter_holders, parameter_use
 from spindle.plan import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
@@ -263,9 +265,10 @@ def inter_wave_transfers(plan: Plan, graph: MetaGraph) -> list[list[tuple[int, i
     return out
 
 
-def parameter_groups(plan: Plan, graph: MetaGraph) -> dict[tuple[int, ...], float]:
+def parameter_groups(plan: Plan, graph: MetaGraph, index: ParameterIndex | None = None
+                     ) -> dict[tuple[int, ...], float]:
     """Device group -> parameters replicated on exactly those devices (the runtime's pool)."""
-    return parameter_holders(plan, graph)
+    return parameter_holders(plan, graph, index)
 
 
 def predicted_send_bytes(plan: Plan, graph: MetaGraph, element_bytes: int) -> float:
@@ -306,7 +309,8 @@ def wave_compute_times(waves: Sequence[WaveLike], graph: MetaGraph, estimator: E
 
 
 def communication(plan: Plan, graph: MetaGraph, links: Links,
-                  wave_compute: Sequence[float] | None = None) -> Communication:
+                  wave_compute: Sequence[float] | None = None,
+                  index: ParameterIndex | None = None) -> Communication:
     """Send/recv time and bytes of every wave boundary (forward, then the same volume of
     gradients back) and the parameter-sync time of the plan's device groups.  With the waves'
     compute times and ``links.sync_overlap > 0``, the sync is what is left after backward when
@@ -355,13 +359,14 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         exchanges += 2 * n_peer
 
     per_device_sync: dict[int, float] = defaultdict(float)
-    for group, nparams in parameter_groups(plan, graph).items():
+    index = index or ParameterIndex(graph)
+    for group, nparams in parameter_groups(plan, graph, index).items():
         t = links.allreduce_s(nparams * links.grad_bytes, group)
         for d in group:
             per_device_sync[d] += t
     sync = max(per_device_sync.values(), default=0.0)
     if wave_compute is not None and links.sync_overlap > 0:
-        exposed = overlapped_sync_s(plan, graph, links, wave_compute)
+        exposed = overlapped_sync_s(plan, graph, links, wave_compute, index)
         sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
     return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
 
@@ -384,19 +389,11 @@ def sync_buckets(plan: Plan, graph: MetaGraph, links: Links,
     wave changes; then all buckets by descending ready wave (pools in the runtime's order: by
     size, then ranks)."""
     index = index or ParameterIndex(graph)
-    holders: dict[int, set[int]] = defaultdict(set)
-    ready: dict[int, int] = {}
-    for wi, wave in enumerate(plan.waves):
-        for s in wave.slices:
-            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
-            devices = executing_devices(graph.metaops[s.metaop], s.devices)
-            for pid in ids.tolist():
-                holders[pid].update(devices)
-                ready[pid] = min(ready.get(pid, wi), wi)
+    holds, first_wave = parameter_use(plan, graph, index)
+    ready: list[int] = first_wave.tolist()
     pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for pid, devs in holders.items():
-        if len(devs) > 1:
-            pools[tuple(sorted(devs))].append(pid)
+    for pid in np.flatnonzero(holds.sum(axis=1) > 1).tolist():
+        pools[tuple(int(d) for d in np.flatnonzero(holds[pid]))].append(pid)
     buckets: list[SyncBucket] = []
     for group in sorted(pools, key=lambda g: (len(g), g)):
         ids = sorted(pools[group], key=lambda i: (-ready[i], index.names[i]))
@@ -410,7 +407,8 @@ def sync_buckets(plan: Plan, graph: MetaGraph, links: Links,
 
 
 def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
-                      wave_compute: Sequence[float]) -> float:
+                      wave_compute: Sequence[float], index: ParameterIndex | None = None
+                      ) -> float:
     """The gradient sync left after backward when every bucket starts as soon as the backward
     waves have made it final (the runtime's overlap).  Forward takes ``1 - backward_share`` of
     every wave's compute, backward the rest, in reverse wave order; a device runs its buckets'
@@ -425,7 +423,7 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     backward_end = t
     free: dict[int, float] = defaultdict(float)
     finish = backward_end
-    for b in sync_buckets(plan, graph, links):
+    for b in sync_buckets(plan, graph, links, index):
         start = max([done_after.get(b.ready_wave, backward_end)] + [free[d] for d in b.group])
         end = start + links.allreduce_s(b.nbytes, b.group)
         for d in b.group:

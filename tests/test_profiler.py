@@ -341,7 +341,7 @@ def test_real_profile_calibrates_the_runtime_per_wave(clip_profile: tuple[Path, 
     assert cal.wave_overhead_s == pytest.approx(max(0.0, (cal.iteration_s - cal.chains_s)
                                                     / cal.waves))
     # recomputed from the profile's own entries: the same chains sum
-    again = runtime_calibration(w, plan, prof.entries, cal.iteration_s)
+    again = runtime_calibration(contract(w).metaops, plan, prof.entries, cal.iteration_s)
     assert again.chains_s == pytest.approx(cal.chains_s)
     # a plan simulated with the calibration is longer by exactly one overhead per wave
     ctx = make_context(w, 2, 2, "cpu", clip_profile[0])
