@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from spindle.memory import GB
-from spindle.placement import PlacementError, best_candidate, place_candidates
-from spindle.planners import plan_waves, random_workload
-from spindle.planning import PlanResult, evaluate, make_context
-from spindle.scalability import make_estimator
-from spindle.simulator import links_for_cluster, wave_compute_times
-from spindle.cluster import load_cluster
-from spindle.graph import contract
+from spindle.costs.cluster import load_cluster
+from spindle.costs.graph import contract
+from spindle.costs.memory import GB
+from spindle.costs.scalability import make_estimator
+from spindle.planner.pipeline import PlanResult, evaluate, make_context
+from spindle.planner.placement import PlacementError, best_candidate, place_candidates
+from spindle.planner.registry import plan_waves, random_workload
+from spindle.planner.simulator import links_for_cluster, wave_compute_times
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
          "qwen-val-3"]

@@ -15,8 +15,8 @@ import time
 
 from tqdm import tqdm
 
-from spindle.planning import BASELINES, evaluate, make_context
-from spindle.workload import Workload, workload_from_dict
+from spindle.declare.workload import Workload, workload_from_dict
+from spindle.planner.pipeline import BASELINES, evaluate, make_context
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
          "qwen-val-3"]

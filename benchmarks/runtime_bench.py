@@ -64,10 +64,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from spindle.plan import Plan
+    from spindle.declare.workload import load_workload
+    from spindle.plan.contract import Plan
     from spindle.runtime.ddp_baseline import run_ddp_baseline
     from spindle.runtime.executor import TrainingRun
-    from spindle.workload import load_workload
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,7 +133,7 @@ def run_cycle(name: str, args: argparse.Namespace) -> Cycle:
     """Profile ``name`` on this machine (with ``--profile-each``), plan it, and measure the
     plans and DDP at once: the profile and the timed iterations see the same machine (on a
     shared box its speed drifts over minutes)."""
-    from spindle.planning import make_plan
+    from spindle.planner.pipeline import make_plan
 
     predicted_s: dict[str, float] = {}
     phases: dict[str, dict[str, float]] = {}
@@ -141,7 +141,7 @@ def run_cycle(name: str, args: argparse.Namespace) -> Cycle:
         profile = args.profile
         if args.profile_each:
             profile = str(Path(tmp) / f"{name}.profile.json")
-            subprocess.run([sys.executable, "-m", "spindle.cli", "profile", name,
+            subprocess.run([sys.executable, "-m", "spindle.tools.cli", "profile", name,
                             "--devices", str(args.nproc), "--out", profile,
                             "--no-progress"], check=True)
         for p in PLANNED:

@@ -1,9 +1,9 @@
 """Test helper: place unplaced waves naively and run the plan validator on the result."""
 
-from spindle.graph import MetaGraph
-from spindle.placement import place_naive
-from spindle.plan import Plan, plan_metaops, validate_plan
-from spindle.schedule import WaveSpec
+from spindle.costs.graph import MetaGraph
+from spindle.plan.contract import Plan, plan_metaops, validate_plan
+from spindle.planner.placement import place_naive
+from spindle.planner.schedule import WaveSpec
 
 
 def validate_placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> None:

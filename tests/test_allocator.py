@@ -8,15 +8,15 @@ import random
 import numpy as np
 import pytest
 
-from spindle.allocator import (
+from spindle.costs.estimator import TableEstimator
+from spindle.planner.allocator import (
     AllocationError,
     ScalingCurve,
     allocate_level,
     bipoint,
     relaxed_optimum,
 )
-from spindle.estimator import TableEstimator
-from spindle.planners import synthetic_graph
+from spindle.planner.registry import synthetic_graph
 
 
 def _curve(table: dict[int, float]) -> ScalingCurve:

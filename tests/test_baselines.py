@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from spindle.baselines import distmm_mt, optimus, sequential, uniform
-from spindle.estimator import TableEstimator
-from spindle.graph import MetaGraph, contract
-from spindle.planners import (
+from spindle.costs.estimator import TableEstimator
+from spindle.costs.graph import MetaGraph, contract
+from spindle.declare.workload import load_workload
+from spindle.planner.baselines import distmm_mt, optimus, sequential, uniform
+from spindle.planner.registry import (
     PLANNERS,
     PlanningError,
     alpha_beta_estimator,
@@ -15,8 +16,7 @@ from spindle.planners import (
     plan_waves,
     synthetic_graph,
 )
-from spindle.schedule import WaveSpec, schedule_length
-from spindle.workload import load_workload
+from spindle.planner.schedule import WaveSpec, schedule_length
 from tests.placed import validate_placed
 
 

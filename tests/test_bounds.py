@@ -6,8 +6,11 @@ import random
 
 import pytest
 
-from spindle.allocator import allocate_level
-from spindle.bounds import (
+from spindle.costs.estimator import TableEstimator
+from spindle.costs.graph import contract
+from spindle.declare.workload import load_workload
+from spindle.planner.allocator import allocate_level
+from spindle.planner.bounds import (
     global_lower_bound,
     global_lower_bound_parts,
     level_lower_bound,
@@ -15,11 +18,13 @@ from spindle.bounds import (
     lower_bound,
     relaxed_optimum,
 )
-from spindle.estimator import TableEstimator
-from spindle.graph import contract
-from spindle.planners import PLANNERS, alpha_beta_estimator, check_waves, synthetic_graph
-from spindle.schedule import SliceSpec, WaveSpec, schedule_length
-from spindle.workload import load_workload
+from spindle.planner.registry import (
+    PLANNERS,
+    alpha_beta_estimator,
+    check_waves,
+    synthetic_graph,
+)
+from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
 
 
 def test_relaxed_optimum_is_the_sum_of_level_c_star():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spindle.cli import main
+from spindle.tools.cli import main
 
 KEYS = {"planner", "devices", "schedule_s", "makespan_s", "relaxed_optimum_s", "lower_bound_s",
         "waves", "planning_time_s", "baselines"}
@@ -74,7 +74,7 @@ def test_bad_workload_file_writes_nothing(capsys, tmp_path):
 def test_unservable_workload(capsys, tmp_path):
     # a cyclic reference is caught at declaration; an empty-task list is a validation error;
     # and a console entry point exists
-    r = subprocess.run([sys.executable, "-m", "spindle.cli", "plan", "tiny-ofasys", "--devices",
+    r = subprocess.run([sys.executable, "-m", "spindle.tools.cli", "plan", "tiny-ofasys", "--devices",
                         "-3"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
@@ -83,7 +83,7 @@ def test_unservable_workload(capsys, tmp_path):
 def test_demo_trains_both_plans_side_by_side():
     """The README's demo: plan, train Spindle's and sequential's plans on 2 processes, and end
     with both measured iteration times and the same final loss (the plans compute the same)."""
-    r = subprocess.run([sys.executable, "-m", "spindle.cli", "demo", "--steps", "6"],
+    r = subprocess.run([sys.executable, "-m", "spindle.tools.cli", "demo", "--steps", "6"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()

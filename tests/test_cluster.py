@@ -2,9 +2,9 @@
 
 import pytest
 
-from spindle.cluster import GIB, ClusterError, load_cluster
-from spindle.hardware import load_hardware
-from spindle.simulator import links_for_cluster
+from spindle.costs.cluster import GIB, ClusterError, load_cluster
+from spindle.costs.hardware import load_hardware
+from spindle.planner.simulator import links_for_cluster
 
 
 def test_presets_by_nodes_and_devices():
@@ -60,7 +60,7 @@ def test_cluster_file_with_overrides(tmp_path):
 def load_hardware_text() -> str:
     import yaml
 
-    from spindle.hardware import HARDWARE_FILE
+    from spindle.costs.hardware import HARDWARE_FILE
 
     return yaml.safe_dump(yaml.safe_load(HARDWARE_FILE.read_text())["a800"])
 

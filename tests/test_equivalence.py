@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.graph import contract
-from spindle.plan import Plan, Slice, Wave, plan_metaops, validate_plan
-from spindle.workload import Workload, load_workload
+from spindle.costs.graph import contract
+from spindle.declare.workload import Workload, load_workload
+from spindle.plan.contract import Plan, Slice, Wave, plan_metaops, validate_plan
 
 WORKLOADS = ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val")
 WORLD_SIZES = (1, 2, 4)
@@ -139,7 +139,7 @@ def test_mixed_plans_are_valid_and_demanding() -> None:
 
 
 def all_plans(workload: Workload, nproc: int) -> dict[str, Plan]:
-    from spindle.planning import make_plan
+    from spindle.planner.pipeline import make_plan
 
     plans = {p: make_plan(workload, p, nproc, nproc) for p in PLANNERS}
     plans["sequential-hand"] = sequential_hand_plan(workload, nproc)

@@ -1,7 +1,7 @@
 """Graph contraction into MetaOps and MetaLevels (SPINDLE.md section 3)."""
 
-from spindle.graph import build_operator_graph, contract
-from spindle.workload import load_workload
+from spindle.costs.graph import build_operator_graph, contract
+from spindle.declare.workload import load_workload
 
 
 def test_clip_metaops_are_stage_chains():

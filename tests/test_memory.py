@@ -3,11 +3,22 @@ model against torch's measured peak on the tiny workloads (CPU)."""
 
 import pytest
 
-from spindle.graph import contract
-from spindle.memory import (FP32, MIXED_BF16, MemoryLedger, memory_model_for, memory_report,
-                            operator_parameters, saved_elements_per_layer)
-from spindle.plan import Plan, Slice, Wave, plan_metaops
-from spindle.workload import load_workload, shipped_workloads, workload_from_dict
+from spindle.costs.graph import contract
+from spindle.costs.memory import (
+    FP32,
+    MIXED_BF16,
+    MemoryLedger,
+    memory_model_for,
+    memory_report,
+    operator_parameters,
+    saved_elements_per_layer,
+)
+from spindle.declare.workload import (
+    load_workload,
+    shipped_workloads,
+    workload_from_dict,
+)
+from spindle.plan.contract import Plan, Slice, Wave, plan_metaops
 
 
 def _plan(w, g, waves, n):

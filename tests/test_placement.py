@@ -6,15 +6,21 @@ import time
 
 import pytest
 
-from spindle.cluster import load_cluster
-from spindle.graph import contract
-from spindle.memory import MemoryLedger, memory_report
-from spindle.placement import (PlacementError, best_candidate, place, place_candidates,
-                               place_greedy, place_naive)
-from spindle.plan import Plan, Slice, plan_metaops, validate_plan
-from spindle.schedule import SliceSpec, WaveSpec
-from spindle.simulator import communication, links_for_cluster, parameter_groups
-from spindle.workload import load_workload
+from spindle.costs.cluster import load_cluster
+from spindle.costs.graph import contract
+from spindle.costs.memory import MemoryLedger, memory_report
+from spindle.declare.workload import load_workload
+from spindle.plan.contract import Plan, Slice, plan_metaops, validate_plan
+from spindle.planner.placement import (
+    PlacementError,
+    best_candidate,
+    place,
+    place_candidates,
+    place_greedy,
+    place_naive,
+)
+from spindle.planner.schedule import SliceSpec, WaveSpec
+from spindle.planner.simulator import communication, links_for_cluster, parameter_groups
 
 
 def _spec(*slices, level=None):
@@ -93,8 +99,8 @@ def test_metaops_sharing_parameters_share_devices():
                                      ("tiny-qwen-val", 4), ("multitask-clip-10", 16),
                                      ("ofasys-7", 24), ("qwen-val-3", 32)])
 def test_every_planners_waves_place_into_valid_plans(name, n):
-    from spindle.planners import PLANNERS, plan_waves
-    from spindle.scalability import make_estimator
+    from spindle.costs.scalability import make_estimator
+    from spindle.planner.registry import PLANNERS, plan_waves
 
     w = load_workload(name)
     g = contract(w)
@@ -155,7 +161,7 @@ def test_overflow_is_one_line_naming_device_metaops_and_shortfall():
 
 
 def test_spindle_placement_beats_the_sequential_placement():
-    from spindle.planning import evaluate, make_context
+    from spindle.planner.pipeline import evaluate, make_context
 
     gains = []
     for name, n in (("multitask-clip-4", 64), ("multitask-clip-10", 64), ("ofasys-7", 16),
@@ -173,8 +179,8 @@ def test_spindle_placement_beats_the_sequential_placement():
 
 
 def test_the_greedy_placement_alone_reduces_inter_node_traffic():
-    from spindle.planning import make_context
-    from spindle.planners import plan_waves
+    from spindle.planner.pipeline import make_context
+    from spindle.planner.registry import plan_waves
 
     ctx = make_context("multitask-clip-10", 64, check_memory=False)
     waves = plan_waves("spindle", ctx.graph, ctx.estimator, 64)
@@ -196,8 +202,8 @@ def test_the_greedy_placement_alone_reduces_inter_node_traffic():
 
 
 def test_placement_is_fast():
-    from spindle.planners import plan_waves, random_workload
-    from spindle.scalability import make_estimator
+    from spindle.costs.scalability import make_estimator
+    from spindle.planner.registry import plan_waves, random_workload
 
     for name in ("multitask-clip-10", "ofasys-7", "qwen-val-3"):
         g = contract(load_workload(name))
@@ -217,7 +223,7 @@ def test_placement_is_fast():
 
 
 def test_the_pipeline_reports_memory_and_refuses_what_does_not_fit():
-    from spindle.planning import evaluate, make_context
+    from spindle.planner.pipeline import evaluate, make_context
 
     res = evaluate(make_context("multitask-clip-4", 8), "spindle")
     assert res.memory_fits and 0 < res.peak_memory_gb < 85.9

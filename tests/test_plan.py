@@ -5,9 +5,17 @@ from dataclasses import replace
 
 import pytest
 
-from spindle.graph import contract
-from spindle.plan import (Plan, PlanError, Slice, Wave, plan_metaops, transfer_rows, validate_plan)
-from spindle.workload import load_workload
+from spindle.costs.graph import contract
+from spindle.declare.workload import load_workload
+from spindle.plan.contract import (
+    Plan,
+    PlanError,
+    Slice,
+    Wave,
+    plan_metaops,
+    transfer_rows,
+    validate_plan,
+)
 
 
 def _sequential_plan(name="tiny-multitask-clip", n=2):

@@ -11,20 +11,18 @@ from typing import Any
 
 import pytest
 
-from spindle.graph import contract
-from spindle.profiler import (
-    PROFILE_SCHEMA_VERSION,
-    ProfileError,
+from spindle.costs.graph import contract
+from spindle.costs.profile import PROFILE_SCHEMA_VERSION, ProfileError, load_profile
+from spindle.costs.scalability import layer_grad_params, make_estimator, signature
+from spindle.declare.workload import load_workload
+from spindle.tools.profile import (
     add_profile_arguments,
     block_flops,
     build_block,
     fit_collective,
-    load_profile,
     run_profile_command,
     time_metaop,
 )
-from spindle.scalability import layer_grad_params, make_estimator, signature
-from spindle.workload import load_workload
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -125,7 +123,7 @@ def test_chain_profile_times_every_metaop_with_the_runtime(clip_profile: tuple[P
 
 
 def test_time_chain_runs_the_runtime_operators_of_every_kind() -> None:
-    from spindle.profiler import time_chain
+    from spindle.tools.profile import time_chain
 
     seen = set()
     for name in ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"):
@@ -170,7 +168,7 @@ def test_chain_entries_need_version_3(tmp_path: Path) -> None:
 
 
 def test_default_threads_follow_torchrun() -> None:
-    from spindle.profiler import default_threads
+    from spindle.tools.profile import default_threads
 
     assert default_threads(2, {}) == 1
     assert default_threads(4, {"OMP_NUM_THREADS": "3"}) == 3
@@ -302,7 +300,7 @@ def test_version_2_profile_round_trips_the_new_measurements(tmp_path: Path) -> N
     assert prof.p2p.exchange_time(mid) == pytest.approx((2e-4 + 7e-4) / 2)
     assert prof.p2p.exchange_time(2 << 20) == pytest.approx(7e-4 + (1 << 20) / 2e9)
     again = tmp_path / "again.json"
-    from spindle.profiler import write_profile
+    from spindle.costs.profile import write_profile
 
     write_profile(prof, again)
     back = load_profile(again)
@@ -314,7 +312,7 @@ def test_version_2_profile_round_trips_the_new_measurements(tmp_path: Path) -> N
 
 
 def test_fit_optimizer_and_p2p_recover_their_lines() -> None:
-    from spindle.profiler import fit_optimizer, fit_p2p
+    from spindle.tools.profile import fit_optimizer, fit_p2p
 
     opt = fit_optimizer([(n, 1e-3 + 3e-8 * n) for n in (10_000, 20_000, 40_000, 80_000)])
     assert opt.fixed_s == pytest.approx(1e-3, rel=1e-3)
@@ -327,9 +325,9 @@ def test_fit_optimizer_and_p2p_recover_their_lines() -> None:
 def test_real_profile_calibrates_the_runtime_per_wave(clip_profile: tuple[Path, float]) -> None:
     """The runtime ran the one-device sequential plan; its phases against the profile's chains
     of the same slices give the per-wave overhead, which the simulator adds to every wave."""
-    from spindle.planning import make_context, build_plan
-    from spindle.profiler import calibration_plan, runtime_calibration
-    from spindle.simulator import simulate
+    from spindle.planner.pipeline import build_plan, make_context
+    from spindle.planner.simulator import simulate
+    from spindle.tools.profile import calibration_plan, runtime_calibration
 
     prof = load_profile(clip_profile[0])
     cal = prof.runtime
@@ -355,7 +353,7 @@ def test_real_profile_calibrates_the_runtime_per_wave(clip_profile: tuple[Path, 
 
 
 def test_runtime_calibration_round_trips_and_is_validated(tmp_path: Path) -> None:
-    from spindle.profiler import write_profile
+    from spindle.costs.profile import write_profile
 
     data = _valid_profile()
     data["runtime"] = {"wave_overhead_s": 2e-4, "iteration_s": 0.03, "chains_s": 0.028,
@@ -380,7 +378,7 @@ def test_runtime_calibration_round_trips_and_is_validated(tmp_path: Path) -> Non
 def test_time_call_combines_every_run_before_the_median() -> None:
     """The chain workers combine each run over the ranks (slowest, or mean) before the median:
     the median of per-run maxima, not the maximum of per-rank medians."""
-    from spindle.profiler import _time_call
+    from spindle.tools.profile import _time_call
 
     seen: list[float] = []
     runs = iter([0.0, 0.0, 0.0])  # warmup calls are not combined

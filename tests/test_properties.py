@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spindle.allocator import allocate_level, scaling_curves
-from spindle.bounds import global_lower_bound, level_lower_bound
-from spindle.estimator import TableEstimator
-from spindle.graph import MetaGraph
-from spindle.planners import PLANNERS, check_waves, synthetic_graph
-from spindle.schedule import schedule_length
-from spindle.scheduler import SchedulerOptions, wavefront_schedule
+from spindle.costs.estimator import TableEstimator
+from spindle.costs.graph import MetaGraph
+from spindle.planner.allocator import allocate_level, scaling_curves
+from spindle.planner.bounds import global_lower_bound, level_lower_bound
+from spindle.planner.registry import PLANNERS, check_waves, synthetic_graph
+from spindle.planner.schedule import schedule_length
+from spindle.planner.scheduler import SchedulerOptions, wavefront_schedule
 from tests.placed import validate_placed
 
 SETTINGS = settings(max_examples=300, deadline=None,

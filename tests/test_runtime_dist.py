@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.graph import contract
-from spindle.plan import Plan, Slice, Wave
+from spindle.costs.graph import contract
+from spindle.declare.workload import load_workload
+from spindle.plan.contract import Plan, Slice, Wave
 from spindle.runtime.localise import (
     RowRange,
     executing_ranks,
@@ -32,8 +33,6 @@ from spindle.runtime.metrics import PHASES, RankIteration, combine_ranks
 from spindle.runtime.model import all_parameter_names, init_parameter, parameter_names
 from spindle.runtime.param_groups import build_pools
 from spindle.runtime.transmission import TransmissionSchedule, split_rows
-from spindle.workload import load_workload
-
 from tests.test_equivalence import (  # shared plan helpers and launching
     REPO,
     WORKLOADS,
@@ -226,8 +225,8 @@ def assert_one_line_each(logs: list[str], expect: list[str | tuple[str, ...]]) -
 
 @pytest.mark.slow
 def test_bytes_sent_equal_the_planners_prediction(tmp_path: Path) -> None:
-    from spindle.planning import make_plan
-    from spindle.simulator import predicted_send_bytes
+    from spindle.planner.pipeline import make_plan
+    from spindle.planner.simulator import predicted_send_bytes
 
     w = load_workload("tiny-ofasys")
     graph = contract(w)
@@ -304,7 +303,7 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_spindle_train_plans_launches_and_saves(tmp_path: Path) -> None:
-    from spindle.launcher import add_train_arguments, run_train_command
+    from spindle.tools.launcher import add_train_arguments, run_train_command
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -323,7 +322,7 @@ def test_spindle_train_plans_launches_and_saves(tmp_path: Path) -> None:
 
 
 def test_spindle_train_carries_its_options_to_every_rank(tmp_path: Path) -> None:
-    from spindle.launcher import add_train_arguments, train_arguments
+    from spindle.tools.launcher import add_train_arguments, train_arguments
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -332,7 +331,7 @@ def test_spindle_train_carries_its_options_to_every_rank(tmp_path: Path) -> None
     assert "--no-overlap-sync" not in plain and plain[:3] == ["tiny-ofasys", "--plan", str(plan)]
     after = train_arguments(parser.parse_args(["tiny-ofasys", "--no-overlap-sync"]), plan)
     assert "--no-overlap-sync" in after
-    from spindle.train import build_parser
+    from spindle.tools.train import build_parser
 
     assert build_parser().parse_args(after).no_overlap_sync
 
@@ -341,7 +340,7 @@ def test_launcher_hides_torchrun_report_but_not_rank_lines() -> None:
     import io
     import os
 
-    from spindle.launcher import _forward_without_torchrun_report
+    from spindle.tools.launcher import _forward_without_torchrun_report
 
     text = (
         "bar 10%\rbar 50%\r"
@@ -362,7 +361,7 @@ def test_launcher_hides_torchrun_report_but_not_rank_lines() -> None:
 
 
 def test_one_line_reasons() -> None:
-    from spindle.train import TrainError, _one_line
+    from spindle.tools.train import TrainError, _one_line
 
     assert _one_line(TrainError("plan is for 4 devices")) == "plan is for 4 devices"
     gloo = RuntimeError("[/x/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:42. More.")

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spindle import costmodel
-from spindle.plan import PlanLayer
+from spindle.declare.workload import load_workload, workload_from_dict
+from spindle.layers import costmodel
+from spindle.plan.contract import PlanLayer
 from spindle.runtime.data import make_raw, token_range
 from spindle.runtime.model import (
     LOSS_STAGE,
@@ -32,7 +33,6 @@ from spindle.runtime.model import (
     run_operator,
 )
 from spindle.runtime.reference import ReferenceModel, train_reference
-from spindle.workload import load_workload, workload_from_dict
 
 TINY = ["tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val"]
 FULL = ["multitask-clip-4", "ofasys-4", "qwen-val-3"]

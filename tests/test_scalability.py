@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spindle.estimator import Estimator, data_parallel_counts
-from spindle.graph import MetaOp, contract
-from spindle.hardware import HARDWARE_FILE, HardwareError, HardwareModel, load_hardware
-from spindle.scalability import (
+from spindle.costs.estimator import Estimator, data_parallel_counts
+from spindle.costs.graph import MetaOp, contract
+from spindle.costs.hardware import (
+    HARDWARE_FILE,
+    HardwareError,
+    HardwareModel,
+    load_hardware,
+)
+from spindle.costs.scalability import (
     FittedEstimator,
     HardwarePoints,
     PiecewiseAlphaBeta,
@@ -21,7 +26,7 @@ from spindle.scalability import (
     ring_factor,
     sample_counts,
 )
-from spindle.workload import load_workload, workload_from_dict
+from spindle.declare.workload import load_workload, workload_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +116,7 @@ class _RisingSource:
     compute it saves)."""
 
     def points(self, op: MetaOp, max_n: int):  # type: ignore[no-untyped-def]
-        from spindle.scalability import ProfilePoint, SourcePoints
+        from spindle.costs.scalability import ProfilePoint, SourcePoints
 
         pts = []
         for n in sample_counts(op.batch, max_n):
@@ -292,13 +297,13 @@ def test_hardware_points_sample_powers_of_two_and_divisors() -> None:
 
 def test_fallback_warning_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     # a profile with no entries: every MetaOp falls back to the hardware model, logged once
-    from spindle.profiler import CollectiveFit, Profile
-    from spindle.scalability import ProfilePoints
+    from spindle.costs.profile import CollectiveFit, Profile
+    from spindle.costs.scalability import ProfilePoints
 
     prof = Profile("w", "", 2, 1, 1, "float32", 4, "x", {}, CollectiveFit("gloo", 2, 1e-4, 1e9), {})
     est = FittedEstimator(ProfilePoints(prof, load_hardware("a800")))
     op = contract(load_workload("tiny-multitask-clip")).metaops[0]
-    with caplog.at_level(logging.INFO, logger="spindle.scalability"):
+    with caplog.at_level(logging.INFO, logger="spindle.costs.scalability"):
         est.time(op, 1)
         est.time(op, 2)
     assert sum("using hardware model 'a800'" in r.message for r in caplog.records) == 1

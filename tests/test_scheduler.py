@@ -6,27 +6,27 @@ import time
 
 import pytest
 
-from spindle.allocator import relaxed_optimum as allocator_optimum
-from spindle.allocator import scaling_curves
-from spindle.bounds import global_lower_bound, level_optima, relaxed_optimum
-from spindle.estimator import TableEstimator
-from spindle.graph import MetaGraph, contract
-from spindle.plan import Plan, Slice, Wave, plan_metaops, validate_plan
-from spindle.planners import (
+from spindle.costs.estimator import TableEstimator
+from spindle.costs.graph import MetaGraph, contract
+from spindle.declare.workload import load_workload
+from spindle.plan.contract import Plan, Slice, Wave, plan_metaops, validate_plan
+from spindle.planner.allocator import relaxed_optimum as allocator_optimum
+from spindle.planner.allocator import scaling_curves
+from spindle.planner.bounds import global_lower_bound, level_optima, relaxed_optimum
+from spindle.planner.registry import (
     alpha_beta_estimator,
     check_waves,
     plan_waves,
     random_workload,
     synthetic_graph,
 )
-from spindle.schedule import SliceSpec, WaveSpec, schedule_length
-from spindle.scheduler import (
+from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
+from spindle.planner.scheduler import (
     SchedulerOptions,
     merge_waves,
     rebalance_levels,
     wavefront_schedule,
 )
-from spindle.workload import load_workload
 
 SHIPPED = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
            "qwen-val-3"]

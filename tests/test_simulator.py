@@ -2,11 +2,11 @@
 
 import pytest
 
-from spindle.estimator import TableEstimator
-from spindle.graph import contract
-from spindle.plan import Plan, Slice, Wave, plan_metaops
-from spindle.simulator import Links, parameter_groups, simulate
-from spindle.workload import load_workload
+from spindle.costs.estimator import TableEstimator
+from spindle.costs.graph import contract
+from spindle.declare.workload import load_workload
+from spindle.plan.contract import Plan, Slice, Wave, plan_metaops
+from spindle.planner.simulator import Links, parameter_groups, simulate
 
 
 @pytest.fixture
@@ -70,9 +70,9 @@ def test_parameter_groups_merge_shared_layers(clip):
 def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
     """Every row range the runtime sends between ranks is a transfer the simulator charges, and
     nothing else: so ``predicted_send_bytes`` is what the runtime's counters must read."""
-    from spindle.planning import build_plan, make_context
+    from spindle.planner.pipeline import build_plan, make_context
+    from spindle.planner.simulator import inter_wave_transfers, predicted_send_bytes
     from spindle.runtime.transmission import TransmissionSchedule
-    from spindle.simulator import inter_wave_transfers, predicted_send_bytes
 
     moved = 0.0
     for placement, planner in (("spindle", "spindle"), ("naive", "spindle"),
@@ -103,7 +103,7 @@ def _split_plan(w, g):
 
 
 def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
-    from spindle.simulator import device_parameters, optimizer_time
+    from spindle.planner.simulator import device_parameters, optimizer_time
 
     w, g, est = clip
     links = Links(2, 100.0, 10.0, optimizer_fixed_s=1e-3, optimizer_per_param_s=1e-8,
@@ -127,8 +127,8 @@ def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
 
 
 def test_p2p_latency_counts_one_exchange_per_peer_per_boundary_and_direction(clip):
+    from spindle.planner.simulator import communication
     from spindle.runtime.transmission import TransmissionSchedule
-    from spindle.simulator import communication
 
     w, g, est = clip
     p = _split_plan(w, g)
@@ -145,9 +145,9 @@ def test_p2p_latency_counts_one_exchange_per_peer_per_boundary_and_direction(cli
 
 
 def test_links_use_the_measured_profile_on_cpu_only():
-    from spindle.cluster import load_cluster
-    from spindle.profiler import CollectiveFit, OptimizerFit, P2PFit, Profile
-    from spindle.simulator import links_for_cluster
+    from spindle.costs.cluster import load_cluster
+    from spindle.costs.profile import CollectiveFit, OptimizerFit, P2PFit, Profile
+    from spindle.planner.simulator import links_for_cluster
 
     prof = Profile("w", "", 2, 3, 1, "float32", 4, "2.x", {},
                    CollectiveFit("gloo", 2, 3e-4, 2e9, ((4096, 3e-4), (1 << 20, 9e-4))), {},
@@ -165,7 +165,7 @@ def test_links_use_the_measured_profile_on_cpu_only():
 
 
 def test_paper_scale_optimizer_term_stays_small():
-    from spindle.planning import make_context, evaluate
+    from spindle.planner.pipeline import evaluate, make_context
 
     r = evaluate(make_context("multitask-clip-4", 8, 8, "a800"), "spindle")
     assert 0 < r.simulation.optimizer_s < 0.25 * r.simulation.makespan_s
@@ -173,8 +173,8 @@ def test_paper_scale_optimizer_term_stays_small():
 
 
 def test_sync_buckets_cover_every_replicated_parameter_in_launch_order(clip):
-    from spindle.memory import parameter_holders
-    from spindle.simulator import sync_buckets
+    from spindle.costs.memory import parameter_holders
+    from spindle.planner.simulator import sync_buckets
 
     w, g, est = clip
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0, 1), m.num_layers * 0.6),))

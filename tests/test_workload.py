@@ -4,8 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from spindle.workload import (Component, InputAdapter, Loss, Stage, Task, Workload, WorkloadError,
-                              load_workload, shipped_workloads, workload_from_dict)
+from spindle.declare.workload import (
+    Component,
+    InputAdapter,
+    Loss,
+    Stage,
+    Task,
+    Workload,
+    WorkloadError,
+    load_workload,
+    shipped_workloads,
+    workload_from_dict,
+)
 
 EXPECTED = {"multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
             "qwen-val-3", "tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val",

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from spindle.declare.workload import Workload
 from spindle.runtime.model import RuntimeModelError, find_stage, keyed_generator
-from spindle.workload import Workload
 
 NUM_CLASSES = 16
 TOKEN_NOISE = 0.1  # probability that a token is replaced by a random one

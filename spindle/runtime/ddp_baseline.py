@@ -39,8 +39,8 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from spindle.declare.workload import Workload, load_workload
 from spindle.runtime.reference import ReferenceModel
-from spindle.workload import Workload, load_workload
 
 log = logging.getLogger(__name__)
 

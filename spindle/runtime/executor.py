@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spindle.plan import Plan, Slice
+from spindle.declare.workload import Workload
+from spindle.plan.contract import Plan, Slice
 from spindle.runtime.data import make_raw
 from spindle.runtime.localise import (
     LocalModel,
@@ -48,7 +49,6 @@ from spindle.runtime.model import (
 )
 from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES, ParameterGroups
 from spindle.runtime.transmission import TransmissionSchedule, Transmitter, ValueKey
-from spindle.workload import Workload
 
 log = logging.getLogger(__name__)
 

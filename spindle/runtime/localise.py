@@ -23,9 +23,9 @@ from typing import Iterator
 
 import torch
 
-from spindle.plan import Plan, PlanLayer, Slice, executing_devices, row_range
+from spindle.declare.workload import Workload
+from spindle.plan.contract import Plan, PlanLayer, Slice, executing_devices, row_range
 from spindle.runtime.model import init_parameter, parameter_names, parameter_shape
-from spindle.workload import Workload
 
 log = logging.getLogger(__name__)
 

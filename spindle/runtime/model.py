@@ -8,9 +8,9 @@ Every operator of the plan (one block invocation, SPINDLE.md section 3) is compu
 - ``{comp}.in_proj.{src}.weight`` [h, h_src] and ``.bias`` [h]: projects the output of a stage of
   component ``src`` (an ``inputs`` stage or a decoder's ``memory``) to this component's hidden
   size.  Shared by every task that feeds ``src`` into ``comp``.  Not counted by
-  :func:`spindle.costmodel.component_parameters` (see :func:`in_proj_parameter_count`);
+  :func:`spindle.layers.costmodel.component_parameters` (see :func:`in_proj_parameter_count`);
 - ``{comp}.blocks.{i}.*``: block ``i`` (see :func:`block_parameter_shapes`); its size equals
-  :func:`spindle.costmodel.layer_parameters` exactly;
+  :func:`spindle.layers.costmodel.layer_parameters` exactly;
 - ``{comp}.norm.*`` (final norm), ``{comp}.proj.weight`` [output_dim, h] (contrastive embedding,
   no bias), ``{comp}.head.weight`` [vocab, h] (LM head, no bias);
 - ``loss.{task}.logit_scale`` (a scalar, the contrastive temperature, init log(1/0.07)).
@@ -39,8 +39,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from spindle.plan import PlanLayer
-from spindle.workload import Component, Stage, Task, Workload
+from spindle.declare.workload import Component, Stage, Task, Workload
+from spindle.plan.contract import PlanLayer
 
 Activation = tuple[torch.Tensor, ...]
 """Batch-first tensors passed between operators: ``(x,)`` or, inside a decoder stage,
@@ -55,8 +55,8 @@ RMS_EPS = 1e-6
 
 
 class LayerLike(Protocol):
-    """Anything naming an operator: :class:`spindle.plan.PlanLayer` or
-    :class:`spindle.graph.LayerRef`."""
+    """Anything naming an operator: :class:`spindle.plan.contract.PlanLayer` or
+    :class:`spindle.costs.graph.LayerRef`."""
 
     task: str
     stage: str

@@ -40,7 +40,11 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from spindle.plan import SYNC_BUCKET_BYTES, SYNC_MIN_BUCKET_BYTES, sync_bucket_runs
+from spindle.plan.contract import (
+    SYNC_BUCKET_BYTES,
+    SYNC_MIN_BUCKET_BYTES,
+    sync_bucket_runs,
+)
 
 log = logging.getLogger(__name__)
 

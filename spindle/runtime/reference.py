@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from spindle.plan import PlanLayer
+from spindle.declare.workload import Workload
+from spindle.plan.contract import PlanLayer
 from spindle.runtime.data import make_raw
 from spindle.runtime.model import (
     LOSS_STAGE,
@@ -27,7 +28,6 @@ from spindle.runtime.model import (
     parameter_shape,
     run_operator,
 )
-from spindle.workload import Workload
 
 log = logging.getLogger(__name__)
 

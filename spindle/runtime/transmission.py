@@ -37,7 +37,7 @@ from typing import Callable, Mapping, MutableMapping, Sequence
 import torch
 import torch.distributed as dist
 
-from spindle.plan import Plan
+from spindle.plan.contract import Plan
 from spindle.runtime.localise import RowRange, SliceRef, iter_slices, slice_layout
 
 log = logging.getLogger(__name__)

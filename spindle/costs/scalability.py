@@ -32,7 +32,7 @@ clip, ``time = compute_time + sync_time``; where it did, the simulator, which ch
 and the real synchronisation separately, still sees the physics of n devices.
 
 Point sources.  :class:`HardwarePoints` evaluates the analytic hardware model of
-:mod:`spindle.hardware`; :class:`ProfilePoints` reads measured points (``spindle profile``) and
+:mod:`spindle.costs.hardware`; :class:`ProfilePoints` reads measured points (``spindle profile``) and
 falls back to a hardware model for MetaOp signatures the profile lacks.
 """
 
@@ -44,22 +44,24 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 from scipy.optimize import nnls
 
-from spindle.estimator import data_parallel_counts
-from spindle.graph import MetaOp
-from spindle.hardware import HardwareModel, load_hardware
-
-if TYPE_CHECKING:
-    from spindle.profiler import Profile
+from spindle.costs.estimator import data_parallel_counts
+from spindle.costs.graph import MetaOp
+from spindle.costs.hardware import HardwareModel, load_hardware
+from spindle.costs.profile import (
+    Profile,
+    ProfilePoint,
+    Signature,
+    load_profile,
+    ring_factor,
+)
 
 log = logging.getLogger(__name__)
 
-Signature = tuple[str, int, int, int, int, int, int]
-"""(kind, hidden, heads, ffn, tokens, memory_tokens, batch): what fixes a MetaOp's T(n)."""
 
 BORROW_WEIGHT = 1e-3
 MIN_RANGE_POINTS = 2  # the rank of the features inside one range
@@ -84,11 +86,6 @@ def _cache_key(op: MetaOp) -> tuple[Signature, float, float]:
     """Signature plus what the fused light parts add (two MetaOps of one signature can differ
     there, e.g. only one of them carries an LM head)."""
     return (signature(op), op.flops_per_layer, layer_grad_params(op))
-
-
-def ring_factor(n: int) -> float:
-    """Fraction of the message each device sends in a ring all-reduce: 2 (n - 1) / n."""
-    return 2.0 * (n - 1) / n if n > 1 else 0.0
 
 
 def default_uppers(max_n: int, devices_per_node: int | None = None) -> tuple[int, ...]:
@@ -190,19 +187,6 @@ class PiecewiseAlphaBeta:
 
 
 @dataclass(frozen=True)
-class ProfilePoint:
-    """One measured or modelled point: one layer on n devices (seconds)."""
-
-    n: int
-    compute_s: float
-    sync_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.compute_s + self.sync_s
-
-
-@dataclass(frozen=True)
 class SourcePoints:
     points: tuple[ProfilePoint, ...]
     grad_bytes: int
@@ -228,7 +212,7 @@ def sample_counts(batch: int, max_n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class HardwarePoints:
-    """Points from the analytic hardware model (:class:`spindle.hardware.HardwareModel`)."""
+    """Points from the analytic hardware model (:class:`spindle.costs.hardware.HardwareModel`)."""
 
     hw: HardwareModel
 
@@ -259,7 +243,7 @@ class ProfilePoints:
     The sync part is the profile's measured all-reduce model applied to the layer's full
     gradient volume (:func:`layer_grad_params`)."""
 
-    profile: "Profile"
+    profile: Profile
     fallback: HardwareModel | None = None
     _warned: set[Signature] = field(default_factory=set, repr=False)
 
@@ -327,7 +311,7 @@ class FittedTable:
 
 
 class FittedEstimator:
-    """The :class:`spindle.estimator.Estimator` of the planner: piecewise alpha-beta fits of
+    """The :class:`spindle.costs.estimator.Estimator` of the planner: piecewise alpha-beta fits of
     points from a :class:`PointSource`, cached per MetaOp signature, tabulated over the valid
     counts so that every ``time`` / ``compute_time`` after the first is a table lookup."""
 
@@ -414,7 +398,7 @@ def _dp_counts(batch: int, num_devices: int) -> tuple[int, ...]:
 
 def make_estimator(
     hardware: str | Path | HardwareModel,
-    profile: "str | Path | Profile | None" = None,
+    profile: str | Path | Profile | None = None,
     devices_per_node: int | None = None,
 ) -> FittedEstimator:
     """The planner's estimator: the hardware model (a preset name, a YAML path or a model),
@@ -426,8 +410,6 @@ def make_estimator(
     source: PointSource
     name = hw.name
     if isinstance(profile, (str, Path)):
-        from spindle.profiler import load_profile  # local: the profiler imports torch
-
         source = ProfilePoints(load_profile(profile), hw)
         name = f"{hw.name}+profile:{Path(profile).name}"
     elif profile is not None:

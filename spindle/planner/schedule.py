@@ -1,8 +1,8 @@
 """Unplaced schedules: what every planner produces before device placement.
 
 A planner (Spindle's wavefront scheduler or a baseline) decides, for each wave, which MetaOp
-slices run and on how many devices; :mod:`spindle.placement` then picks the concrete devices and
-the result becomes a :class:`spindle.plan.Plan`.
+slices run and on how many devices; :mod:`spindle.planner.placement` then picks the concrete devices and
+the result becomes a :class:`spindle.plan.contract.Plan`.
 """
 
 from __future__ import annotations

@@ -152,7 +152,9 @@ class Workload(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def num_parameters(self) -> int:
-        from spindle.costmodel import component_parameters  # local: avoid a cycle
+        from spindle.layers.costmodel import (
+            component_parameters,  # local: avoid a cycle
+        )
 
         return sum(component_parameters(c) for c in self.components.values())
 

@@ -6,10 +6,11 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spindle.plan import Plan, write_atomic
+from spindle.io import write_atomic
+from spindle.plan.contract import Plan
 
 if TYPE_CHECKING:
-    from spindle.planning import PlanResult
+    from spindle.planner.pipeline import PlanResult
 
 
 def _ms(s: float) -> str:

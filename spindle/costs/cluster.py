@@ -1,6 +1,6 @@
 """Cluster description: how many devices, how they are grouped into nodes, and their memory.
 
-A :class:`Cluster` is a :class:`spindle.hardware.HardwareModel` (one device kind and its
+A :class:`Cluster` is a :class:`spindle.costs.hardware.HardwareModel` (one device kind and its
 interconnect: device memory, intra-node (NVLink) and inter-node (InfiniBand) bandwidth and
 latency, devices per node) together with a device count, plus the training precision, which the
 memory model needs.  Every figure comes from the hardware preset (``spindle/data/hardware.yaml``,
@@ -10,7 +10,7 @@ Three ways to describe one, all ending in :func:`load_cluster`:
 
 * a hardware preset and a size: ``load_cluster("a800", nodes=4)`` (32 devices),
   ``load_cluster("h100", num_devices=16)``, ``load_cluster("cpu", num_devices=2)``;
-* a hardware YAML file (the shape :func:`spindle.hardware.load_hardware` reads) and a size;
+* a hardware YAML file (the shape :func:`spindle.costs.hardware.load_hardware` reads) and a size;
 * a cluster YAML file that names a hardware preset (or file) and may override figures::
 
       hardware: a800            # preset name, or a hardware YAML path (relative to this file)
@@ -38,9 +38,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spindle.hardware import HardwareError, HardwareModel, load_hardware
-from spindle.hardware import _read_yaml as read_yaml  # same YAML reading, one-line errors
-from spindle.memory import MemoryModel, memory_model_for
+from spindle.costs.hardware import HardwareError, HardwareModel, load_hardware
+from spindle.costs.hardware import (
+    _read_yaml as read_yaml,  # same YAML reading, one-line errors
+)
+from spindle.costs.memory import MemoryModel, memory_model_for
 from spindle.validation import format_validation_error
 
 Precision = Literal["bf16-mixed", "fp32"]

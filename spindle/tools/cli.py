@@ -15,8 +15,8 @@ log = logging.getLogger("spindle")
 
 
 def _cmd_workloads(args: argparse.Namespace) -> int:
-    from spindle.graph import contract
-    from spindle.workload import load_workload, shipped_workloads
+    from spindle.costs.graph import contract
+    from spindle.declare.workload import load_workload, shipped_workloads
 
     print(f"{'name':<22} {'params':>9} {'tasks':>5} {'MetaOps':>7}  description")
     for name in shipped_workloads():
@@ -52,7 +52,7 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from spindle.planning import make_context
+    from spindle.planner.pipeline import make_context
 
     return make_context(
         args.workload, args.devices, args.devices_per_node, args.hardware, args.profile,
@@ -65,8 +65,8 @@ def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _baselines(ctx, skip: str) -> dict:  # type: ignore[no-untyped-def]
     """Every baseline planner's result; one that cannot be placed in memory is reported as such
     instead of aborting the comparison."""
-    from spindle.placement import PlacementError
-    from spindle.planning import BASELINES, evaluate
+    from spindle.planner.pipeline import BASELINES, evaluate
+    from spindle.planner.placement import PlacementError
 
     out: dict = {}
     for b in BASELINES:
@@ -80,8 +80,8 @@ def _baselines(ctx, skip: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from spindle.planning import evaluate
-    from spindle.report import gantt, summary_text
+    from spindle.planner.pipeline import evaluate
+    from spindle.tools.report import gantt, summary_text
 
     ctx = _context(args)
     res = evaluate(ctx, args.planner)
@@ -133,8 +133,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from spindle.plan import Plan
-    from spindle.report import gantt
+    from spindle.plan.contract import Plan
+    from spindle.tools.report import gantt
 
     plan = Plan.load(args.plan)
     print(f"plan v{plan.version}: {plan.workload} ({plan.workload_fingerprint}), planner"
@@ -154,13 +154,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from spindle.demo import run_demo
+    from spindle.tools.demo import run_demo
 
     return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spindle.planners import PLANNERS
+    from spindle.planner.registry import PLANNERS
 
     parser = argparse.ArgumentParser(
         prog="spindle", description="Plan and run multi-task multi-modal training as waves.")
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
     p.set_defaults(func=_cmd_show)
 
-    from spindle.launcher import add_train_arguments, run_train_command
-    from spindle.profiler import add_profile_arguments, run_profile_command
+    from spindle.tools.launcher import add_train_arguments, run_train_command
+    from spindle.tools.profile import add_profile_arguments, run_profile_command
 
     p = sub.add_parser("profile", help="time real layers on this machine")
     add_profile_arguments(p)

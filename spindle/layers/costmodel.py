@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from spindle.workload import Component
+    from spindle.declare.workload import Component
 
 
 def layer_parameters(kind: str, hidden: int, ffn: int) -> int:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spindle.validation import format_validation_error
 
-HARDWARE_FILE = Path(__file__).parent / "data" / "hardware.yaml"
+HARDWARE_FILE = Path(__file__).parent / "hardware.yaml"
 
 
 class HardwareError(ValueError):

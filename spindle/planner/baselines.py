@@ -1,6 +1,6 @@
 """Baseline planners: the ways MT MM training is planned without wavefront scheduling.
 
-Each returns unplaced waves (:class:`spindle.schedule.WaveSpec`) exactly like Spindle's scheduler,
+Each returns unplaced waves (:class:`spindle.planner.schedule.WaveSpec`) exactly like Spindle's scheduler,
 so every planner goes through the same placement, validation and simulation:
 
 * :func:`sequential` (Megatron-LM / DeepSpeed): every MetaOp in turn, in topological order, alone
@@ -27,9 +27,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spindle.estimator import Estimator
-from spindle.graph import MetaGraph, MetaOp
-from spindle.schedule import SliceSpec, WaveSpec
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.planner.schedule import SliceSpec, WaveSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from spindle.allocator import ScalingCurve, allocate_level, scaling_curves
-from spindle.estimator import Estimator
-from spindle.graph import MetaGraph, MetaOp
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.planner.allocator import ScalingCurve, allocate_level, scaling_curves
 
 
 @dataclass(frozen=True)

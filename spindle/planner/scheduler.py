@@ -3,7 +3,7 @@
 SPINDLE.md section 6.  Per MetaLevel, repeat until the level has no layers left:
 
 1. *propose*: solve the level's relaxation on the layers still to schedule
-   (:mod:`spindle.allocator`) and take each MetaOp's bi-point pair ``n_lo <= n* <= n_hi``;
+   (:mod:`spindle.planner.allocator`) and take each MetaOp's bi-point pair ``n_lo <= n* <= n_hi``;
    every MetaOp starts at ``n_lo`` (time-shared MetaOps, ``n* < n_min``, at 0) and is upgraded
    to ``n_hi`` while devices remain, the most urgent first;
 2. *extend*: hand still idle devices to the next valid n of the MetaOps with most remaining time;
@@ -47,10 +47,15 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from spindle.allocator import ScalingCurve, bipoint, relaxed_optimum, scaling_curves
-from spindle.estimator import Estimator
-from spindle.graph import MetaGraph
-from spindle.schedule import SliceSpec, WaveSpec, schedule_length
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph
+from spindle.planner.allocator import (
+    ScalingCurve,
+    bipoint,
+    relaxed_optimum,
+    scaling_curves,
+)
+from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
 
 log = logging.getLogger(__name__)
 

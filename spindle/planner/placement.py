@@ -1,7 +1,7 @@
 """Device placement: map each wave's device groups onto concrete devices (SPINDLE.md section 7).
 
-Two placements turn a planner's unplaced waves (:class:`spindle.schedule.WaveSpec`) into
-:class:`spindle.plan.Wave` lists:
+Two placements turn a planner's unplaced waves (:class:`spindle.planner.schedule.WaveSpec`) into
+:class:`spindle.plan.contract.Wave` lists:
 
 * :func:`place_naive` ("sequential placement", the comparison): within a wave, slices take
   consecutive device ids in order, except that a slice whose MetaOp ran in the previous wave on a
@@ -26,7 +26,7 @@ Two placements turn a planner's unplaced waves (:class:`spindle.schedule.WaveSpe
   4. inside the group, devices take the row positions (``transfer_rows`` order) that overlap
      the rows they already hold, then those held inside their node.
 
-  Memory (:class:`spindle.memory.MemoryLedger`): a device is a candidate only if the slice's
+  Memory (:class:`spindle.costs.memory.MemoryLedger`): a device is a candidate only if the slice's
   new parameters, saved activations and transient still fit.  When a slice cannot be placed,
   the placement backtracks: it redoes the failing wave, then ever more earlier waves (1, 2,
   4, ...) in *balance* mode, where free memory comes before locality.  If even the fully
@@ -36,7 +36,7 @@ Two placements turn a planner's unplaced waves (:class:`spindle.schedule.WaveSpe
 * :func:`place` (the default): the greedy placement under three weightings of parameter
   co-location against data flows (:data:`VARIANTS`; which is best depends on the workload), and
   the sequential placement when it fits memory, each simulated
-  (:func:`spindle.simulator.communication`); the least send/recv + parameter-sync time wins.
+  (:func:`spindle.planner.simulator.communication`); the least send/recv + parameter-sync time wins.
   So Spindle's placement is never slower than the sequential one on the simulator's numbers.
 
 Cost: numpy over devices per slice; a paper workload on 64 devices places in tens of
@@ -52,13 +52,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spindle.cluster import Cluster
-from spindle.graph import MetaGraph, MetaOp
-from spindle.memory import (GB, MemoryLedger, MemoryModel, ParameterIndex, format_gb,
-                            memory_report)
-from spindle.plan import Plan, Slice, Wave, executing_devices, plan_metaops
-from spindle.schedule import SliceSpec, WaveSpec
-from spindle.simulator import Communication, communication, links_for_cluster
+from spindle.costs.cluster import Cluster
+from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.costs.memory import (
+    GB,
+    MemoryLedger,
+    MemoryModel,
+    ParameterIndex,
+    format_gb,
+    memory_report,
+)
+from spindle.plan.contract import Plan, Slice, Wave, executing_devices, plan_metaops
+from spindle.planner.schedule import SliceSpec, WaveSpec
+from spindle.planner.simulator import Communication, communication, links_for_cluster
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from spindle import costmodel
-from spindle.workload import Task, Workload
+from spindle.declare.workload import Task, Workload
+from spindle.layers import costmodel
 
 LOSS_KIND = "contrastive"
 

@@ -19,8 +19,8 @@ measure (schema version 2) the point-to-point exchange of a wave boundary (one
 bandwidth``) and the runtime's optimizer phase (zero_grad, clipping by the global norm with its
 scalar all-reduce, ``AdamW(foreach=True)``) over parameter sets made of the runtime's own
 parameter tensors of the workload, fitted as ``fixed + per_param * parameters``; the simulator
-uses them (:func:`spindle.simulator.links_for_cluster`) when planning for the ``cpu`` preset.  The result is a versioned JSON profile, written atomically,
-that :func:`spindle.scalability.make_estimator` fits instead of the hardware model.
+uses them (:func:`spindle.planner.simulator.links_for_cluster`) when planning for the ``cpu`` preset.  The result is a versioned JSON profile, written atomically,
+that :func:`spindle.costs.scalability.make_estimator` fits instead of the hardware model.
 
 Only this module imports torch (lazily), so loading a profile stays cheap.
 """
@@ -28,7 +28,6 @@ Only this module imports torch (lazily), so loading a profile stays cheap.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -41,27 +40,31 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from spindle import costmodel
-from spindle.estimator import data_parallel_counts
-from spindle.graph import MetaOp, contract
-from spindle.plan import write_atomic
-from spindle.validation import format_validation_error
-from spindle.scalability import ProfilePoint, Signature, ring_factor, signature
+from spindle.costs.estimator import data_parallel_counts
+from spindle.costs.graph import MetaOp, contract
+from spindle.costs.profile import (
+    CollectiveFit,
+    OptimizerFit,
+    P2PFit,
+    Profile,
+    ProfileEntry,
+    ProfileError,
+    ProfilePoint,
+    RuntimeCalibration,
+    Signature,
+    ring_factor,
+    write_profile,
+)
+from spindle.costs.scalability import signature
+from spindle.layers import costmodel
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA_VERSION = 4
-# 1: no P2P / optimizer (None); 1, 2: bare-block entries; 1-3: no runtime calibration (0 s)
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
-MEASUREMENTS = ("block", "chain")
-PROFILE_KIND = "spindle-profile"
 COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024,
                     16 * 1024 * 1024)
 SYNC_TENSORS = 8  # gradients per measured sync: the runtime flattens a pool's many tensors
@@ -72,359 +75,12 @@ DEFAULT_WARMUP = 3
 DEFAULT_MAX_SECONDS = 300.0  # the paper profiles a model in under 5 minutes
 
 
-class ProfileError(ValueError):
-    """A profile that cannot be made or used; the message is one line naming the problem."""
-
-
-# --- the profile file --------------------------------------------------------------------------
-
-
-def interpolate_samples(
-    samples: tuple[tuple[int, float], ...], nbytes: float, bandwidth: float
-) -> float:
-    """Measured time of a ``nbytes`` message: piecewise-linear between the measured sizes (gloo
-    over loopback is not affine: it switches algorithms and buffer paths with the size), the
-    smallest size's time below it, and the fitted ``bandwidth`` beyond the largest size."""
-    pts = sorted(samples)
-    if nbytes <= pts[0][0]:
-        return pts[0][1]
-    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
-        if nbytes <= b1:
-            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
-    b, t = pts[-1]
-    return t + (nbytes - b) / bandwidth
-
-
-@dataclass(frozen=True)
-class CollectiveFit:
-    """Measured all-reduce speed: ``latency_s + 2 (n - 1) / n * bytes / bandwidth`` (n > 1)."""
-
-    backend: str
-    processes: int
-    latency_s: float
-    bandwidth: float  # bus bandwidth, bytes/s
-    samples: tuple[tuple[int, float], ...] = ()  # (message bytes, mean seconds)
-
-    def allreduce_time(self, nbytes: float, n: int) -> float:
-        if n <= 1 or nbytes <= 0:
-            return 0.0
-        return self.latency_s + ring_factor(n) * nbytes / self.bandwidth
-
-    def measured_allreduce_time(self, nbytes: float, n: int) -> float:
-        """The all-reduce time read off the measured samples (interpolated; on ``n`` devices at
-        the message size with the same per-device ring traffic as on ``processes``); the fitted
-        model when there are no samples."""
-        if n <= 1 or nbytes <= 0:
-            return 0.0
-        if len(self.samples) < 2:
-            return self.allreduce_time(nbytes, n)
-        equiv = nbytes * ring_factor(n) / ring_factor(self.processes)
-        return interpolate_samples(self.samples, equiv, self.bandwidth / ring_factor(self.processes))
-
-
-@dataclass(frozen=True)
-class P2PFit:
-    """Measured point-to-point exchange: both processes ``batch_isend_irecv`` one send and one
-    receive of ``bytes`` to each other (what the runtime does at a wave boundary between two
-    ranks) in ``latency_s + bytes / bandwidth``."""
-
-    backend: str
-    latency_s: float
-    bandwidth: float  # bytes/s, each direction
-    samples: tuple[tuple[int, float], ...] = ()
-
-    def exchange_time(self, nbytes: float) -> float:
-        """Time of an exchange of ``nbytes`` each way, read off the measured samples
-        (interpolated), or the fitted model when there are fewer than two."""
-        if len(self.samples) < 2:
-            return self.latency_s + max(nbytes, 0.0) / self.bandwidth
-        return interpolate_samples(self.samples, max(nbytes, 0.0), self.bandwidth)
-
-
-@dataclass(frozen=True)
-class RuntimeCalibration:
-    """What the runtime spends per wave beyond its slices' operator chains, measured by running
-    it (:class:`spindle.runtime.executor.TrainingRun`, one process per device) on the workload's
-    one-device ``sequential`` plan: its compute + send/recv phases per iteration (median), less
-    the profile's own chain times of the same slices, per wave (floored at 0).  It is the cost
-    of turning inputs into autograd leaves, collecting input gradients, the transmitter's visit
-    of every wave boundary and the phase timers; the simulator adds it to every wave."""
-
-    wave_overhead_s: float
-    iteration_s: float  # measured compute + send/recv of the calibration plan (median)
-    chains_s: float  # the same slices' chain times from the profile
-    waves: int
-
-
-@dataclass(frozen=True)
-class OptimizerFit:
-    """Measured optimizer phase of the runtime on one process (zero_grad, gradient clipping by
-    the global norm, including its scalar all-reduce over the processes, and the
-    ``torch.optim.AdamW(foreach=True)`` step): ``fixed_s + per_param_s * parameters``."""
-
-    fixed_s: float
-    per_param_s: float
-    samples: tuple[tuple[int, float], ...] = ()  # (parameters, mean seconds)
-
-    def step_time(self, params: float) -> float:
-        if params <= 0:
-            return 0.0
-        return self.fixed_s + self.per_param_s * params
-
-
-@dataclass(frozen=True)
-class ProfileEntry:
-    signature: Signature
-    metaops: tuple[str, ...]  # MetaOp names that have this signature (for humans)
-    params_per_layer: int
-    flops_per_layer: float  # FLOPs per layer of what was timed (a chain: light parts included)
-    points: tuple[ProfilePoint, ...]
-    # "chain": the MetaOp's whole chain of runtime operators timed, divided by its layers (used
-    # as is); "block": a bare block (versions 1, 2; scaled by the layer's FLOPs by the estimator)
-    measurement: str = "block"
-
-
-@dataclass
-class Profile:
-    """A measured profile: per-signature points ``(n, compute_s, sync_s)``."""
-
-    workload: str
-    workload_fingerprint: str
-    devices: int
-    repeats: int
-    threads_per_device: int
-    dtype: str
-    grad_bytes: int
-    torch_version: str
-    machine: dict[str, Any]
-    collective: CollectiveFit
-    entries: dict[Signature, ProfileEntry]
-    elapsed_s: float = 0.0
-    source: str = "<memory>"
-    schema_version: int = PROFILE_SCHEMA_VERSION
-    p2p: P2PFit | None = None  # None in version-1 profiles
-    optimizer: OptimizerFit | None = None  # None in version-1 profiles
-    runtime: RuntimeCalibration | None = None  # None before version 4
-
-    def entry(self, sig: Signature) -> ProfileEntry | None:
-        return self.entries.get(sig)
-
-    def to_dict(self) -> dict[str, Any]:
-        c = self.collective
-        return {
-            "schema_version": self.schema_version,
-            "kind": PROFILE_KIND,
-            "workload": self.workload,
-            "workload_fingerprint": self.workload_fingerprint,
-            "devices": self.devices,
-            "repeats": self.repeats,
-            "threads_per_device": self.threads_per_device,
-            "dtype": self.dtype,
-            "grad_bytes": self.grad_bytes,
-            "torch_version": self.torch_version,
-            "machine": self.machine,
-            "elapsed_s": self.elapsed_s,
-            "collective": {
-                "backend": c.backend, "processes": c.processes, "latency_s": c.latency_s,
-                "bandwidth_Bps": c.bandwidth,
-                "samples": [{"bytes": b, "seconds": s} for b, s in c.samples],
-            },
-            **({"p2p": {
-                "backend": self.p2p.backend, "latency_s": self.p2p.latency_s,
-                "bandwidth_Bps": self.p2p.bandwidth,
-                "samples": [{"bytes": b, "seconds": s} for b, s in self.p2p.samples],
-            }} if self.p2p is not None else {}),
-            **({"optimizer": {
-                "fixed_s": self.optimizer.fixed_s, "per_param_s": self.optimizer.per_param_s,
-                "samples": [{"params": n, "seconds": s} for n, s in self.optimizer.samples],
-            }} if self.optimizer is not None else {}),
-            **({"runtime": dataclasses.asdict(self.runtime)} if self.runtime is not None else {}),
-            "entries": [
-                {
-                    "signature": dict(zip(_SIG_FIELDS, e.signature)),
-                    "metaops": list(e.metaops),
-                    "params_per_layer": e.params_per_layer,
-                    "flops_per_layer": e.flops_per_layer,
-                    "measurement": e.measurement,
-                    "points": [
-                        {"n": p.n, "compute_s": p.compute_s, "sync_s": p.sync_s} for p in e.points
-                    ],
-                }
-                for e in self.entries.values()
-            ],
-        }
-
-
-_SIG_FIELDS = ("kind", "hidden", "heads", "ffn", "tokens", "memory_tokens", "batch")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _PointModel(_Strict):
-    n: int = Field(ge=1)
-    compute_s: float = Field(gt=0, allow_inf_nan=False)
-    sync_s: float = Field(ge=0, allow_inf_nan=False)
-
-
-class _SignatureModel(_Strict):
-    kind: str = Field(min_length=1)
-    hidden: int = Field(ge=1)
-    heads: int = Field(ge=1)
-    ffn: int = Field(ge=0)
-    tokens: int = Field(ge=1)
-    memory_tokens: int = Field(ge=0)
-    batch: int = Field(ge=1)
-
-
-class _EntryModel(_Strict):
-    signature: _SignatureModel
-    metaops: list[str] = []
-    params_per_layer: int = Field(ge=1)
-    flops_per_layer: float = Field(gt=0)
-    points: list[_PointModel] = Field(min_length=1)
-    measurement: Literal["block", "chain"] = "block"
-
-    @model_validator(mode="after")
-    def _check(self) -> "_EntryModel":
-        ns = [p.n for p in self.points]
-        if len(set(ns)) != len(ns):
-            raise ValueError(f"duplicate n in points {ns}")
-        return self
-
-
-class _SampleModel(_Strict):
-    bytes: int = Field(ge=1)
-    seconds: float = Field(gt=0)
-
-
-class _CollectiveModel(_Strict):
-    backend: str
-    processes: int = Field(ge=2)
-    latency_s: float = Field(ge=0, allow_inf_nan=False)
-    bandwidth_Bps: float = Field(gt=0, allow_inf_nan=False)
-    samples: list[_SampleModel] = []
-
-
-class _P2PModel(_Strict):
-    backend: str
-    latency_s: float = Field(ge=0, allow_inf_nan=False)
-    bandwidth_Bps: float = Field(gt=0, allow_inf_nan=False)
-    samples: list[_SampleModel] = []
-
-
-class _OptimizerSampleModel(_Strict):
-    params: int = Field(ge=1)
-    seconds: float = Field(gt=0)
-
-
-class _OptimizerModel(_Strict):
-    fixed_s: float = Field(ge=0, allow_inf_nan=False)
-    per_param_s: float = Field(ge=0, allow_inf_nan=False)
-    samples: list[_OptimizerSampleModel] = []
-
-
-class _RuntimeModel(_Strict):
-    wave_overhead_s: float = Field(ge=0, allow_inf_nan=False)
-    iteration_s: float = Field(ge=0, allow_inf_nan=False)
-    chains_s: float = Field(ge=0, allow_inf_nan=False)
-    waves: int = Field(ge=1)
-
-
-class _ProfileModel(_Strict):
-    schema_version: int
-    kind: Literal["spindle-profile"]
-    workload: str
-    workload_fingerprint: str = ""
-    devices: int = Field(ge=1)
-    repeats: int = Field(ge=1)
-    threads_per_device: int = Field(ge=1)
-    dtype: str
-    grad_bytes: int = Field(ge=1)
-    torch_version: str
-    machine: dict[str, Any]
-    elapsed_s: float = Field(default=0.0, ge=0)
-    collective: _CollectiveModel
-    p2p: _P2PModel | None = None
-    optimizer: _OptimizerModel | None = None
-    runtime: _RuntimeModel | None = None
-    entries: list[_EntryModel]
-
-
-
-def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
-    if not isinstance(data, dict):
-        raise ProfileError(f"{source}: expected a JSON object at the top level")
-    version = data.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise ProfileError(
-            f"{source}: schema_version: unsupported profile version {version!r}"
-            f" (this Spindle reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))});"
-            " re-run `spindle profile`"
-        )
-    try:
-        m = _ProfileModel.model_validate(data)
-    except ValidationError as err:
-        raise ProfileError(format_validation_error(source, err)) from None
-    if m.p2p is None or m.optimizer is None:
-        log.warning("%s: the profile (version %s) has no %s measurement; the simulator uses the"
-                    " hardware preset's figures instead (re-run `spindle profile`)", source,
-                    version, "P2P" if m.p2p is None else "optimizer")
-    entries: dict[Signature, ProfileEntry] = {}
-    for i, e in enumerate(m.entries):
-        s = e.signature
-        sig: Signature = (s.kind, s.hidden, s.heads, s.ffn, s.tokens, s.memory_tokens, s.batch)
-        if sig in entries:
-            raise ProfileError(f"{source}: entries.{i}.signature: duplicate signature {sig}")
-        pts = tuple(sorted((ProfilePoint(p.n, p.compute_s, p.sync_s) for p in e.points),
-                           key=lambda p: p.n))
-        if e.measurement == "chain" and m.schema_version < 3:
-            raise ProfileError(f"{source}: entries.{i}.measurement: 'chain' needs schema_version 3")
-        entries[sig] = ProfileEntry(sig, tuple(e.metaops), e.params_per_layer, e.flops_per_layer,
-                                    pts, e.measurement)
-    c = m.collective
-    return Profile(
-        workload=m.workload, workload_fingerprint=m.workload_fingerprint, devices=m.devices,
-        repeats=m.repeats, threads_per_device=m.threads_per_device, dtype=m.dtype,
-        grad_bytes=m.grad_bytes, torch_version=m.torch_version, machine=dict(m.machine),
-        collective=CollectiveFit(c.backend, c.processes, c.latency_s, c.bandwidth_Bps,
-                                 tuple((s.bytes, s.seconds) for s in c.samples)),
-        entries=entries, elapsed_s=m.elapsed_s, source=source, schema_version=m.schema_version,
-        p2p=None if m.p2p is None else P2PFit(
-            m.p2p.backend, m.p2p.latency_s, m.p2p.bandwidth_Bps,
-            tuple((s.bytes, s.seconds) for s in m.p2p.samples)),
-        optimizer=None if m.optimizer is None else OptimizerFit(
-            m.optimizer.fixed_s, m.optimizer.per_param_s,
-            tuple((s.params, s.seconds) for s in m.optimizer.samples)),
-        runtime=None if m.runtime is None else RuntimeCalibration(**m.runtime.model_dump()),
-    )
-
-
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile file written by ``spindle profile``."""
-    p = Path(path)
-    try:
-        raw = p.read_text()
-    except OSError as err:
-        raise ProfileError(f"{p}: cannot read: {err.strerror}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ProfileError(f"{p}: malformed JSON: {err.msg} (line {err.lineno})") from None
-    return profile_from_dict(data, str(p))
-
-
-def write_profile(profile: Profile, path: str | Path) -> None:
-    write_atomic(Path(path), json.dumps(profile.to_dict(), indent=1) + "\n")
-
-
 # --- the measured layers -----------------------------------------------------------------------
 
 
 def build_block(kind: str, hidden: int, heads: int, ffn: int) -> "torch.nn.Module":
     """One block of the given shape, parameter-for-parameter the one
-    :func:`spindle.costmodel.layer_parameters` counts: ``encoder`` (pre-LN self-attention +
+    :func:`spindle.layers.costmodel.layer_parameters` counts: ``encoder`` (pre-LN self-attention +
     GELU MLP), ``decoder`` (causal self-attention + cross-attention + GELU MLP), ``llm`` (causal
     self-attention + SwiGLU, RMSNorm)."""
     import torch.nn.functional as F
@@ -576,8 +232,15 @@ def time_chain(workload: Any, op: MetaOp, n: int, warmup: int = 2, repeats: int 
 
     from spindle.runtime.data import make_raw
     from spindle.runtime.model import (
-        LOSS_STAGE, init_parameter, is_loss_operator, needs_raw, operator_input_stages,
-        parameter_names, parameter_shape, run_operator, stage_context,
+        LOSS_STAGE,
+        init_parameter,
+        is_loss_operator,
+        needs_raw,
+        operator_input_stages,
+        parameter_names,
+        parameter_shape,
+        run_operator,
+        stage_context,
     )
 
     rows = op.batch if op.is_loss else max(op.batch // n, 1)
@@ -635,7 +298,7 @@ def time_chain(workload: Any, op: MetaOp, n: int, warmup: int = 2, repeats: int 
 def calibration_plan(workload: Any) -> Any:
     """The plan the runtime is calibrated on: every MetaOp of ``workload``, one after another,
     on one device (the ``sequential`` planner at one device)."""
-    from spindle.planning import make_plan  # local: planning reads profiles
+    from spindle.planner.pipeline import make_plan  # local: planning reads profiles
 
     return make_plan(workload, "sequential", 1, 1, "cpu", check_memory=False)
 
@@ -908,7 +571,11 @@ def runtime_parameter_sets(workload: Any) -> tuple[tuple[tuple[int, ...], ...], 
     of ``workload`` (:mod:`spindle.runtime.model`): every 4th, every 2nd, all, and all twice;
     None when the runtime does not support the workload."""
     try:
-        from spindle.runtime.model import all_parameter_names, check_supported, parameter_shape
+        from spindle.runtime.model import (
+            all_parameter_names,
+            check_supported,
+            parameter_shape,
+        )
 
         check_supported(workload)
         shapes = [tuple(parameter_shape(workload, n)) for n in all_parameter_names(workload)]
@@ -1052,7 +719,7 @@ def profile_metaops(
     runtime_workload: Any = None,
 ) -> Profile:
     """Measure every distinct signature of ``ops`` at every valid n <= ``devices``: with
-    ``runtime_workload`` (the :class:`spindle.workload.Workload` of ``ops``, when the runtime
+    ``runtime_workload`` (the :class:`spindle.declare.workload.Workload` of ``ops``, when the runtime
     can compute it) each MetaOp's whole chain of runtime operators (:func:`time_chain`), else
     the bare block (:func:`time_metaop`).  ``threads``: torch threads while measuring, by
     default what one rank gets under torchrun (:func:`default_threads`)."""
@@ -1269,7 +936,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_profile_command(args: argparse.Namespace) -> int:
     """Run ``spindle profile``; 0 on success, 2 on a bad workload or a refused profile."""
-    from spindle.workload import WorkloadError, load_workload
+    from spindle.declare.workload import WorkloadError, load_workload
 
     try:
         w = load_workload(args.workload)

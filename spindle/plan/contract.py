@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence, TypeVar
 
-from spindle.graph import LOSS_KIND, MetaGraph
+from spindle.costs.graph import LOSS_KIND, MetaGraph
 
 PLAN_VERSION = 1
 K = TypeVar("K")

@@ -8,17 +8,17 @@ The simulated iteration is what the runtime does, in order:
   calibration: making autograd leaves, visiting the boundary, timers);
 * send/recv: before a slice starts, its inputs move from the devices that produced them (the
   previous slice of its MetaOp, or the last slice of each producer MetaOp), re-split over its
-  group by :func:`spindle.plan.transfer_rows` (a contrastive loss runs on the first device of its
+  group by :func:`spindle.plan.contract.transfer_rows` (a contrastive loss runs on the first device of its
   group with the whole batch, as the runtime runs it); in backward the gradients travel the same
   way back.  A transfer is charged to the link it crosses (intra-node or inter-node); per wave
   boundary the slowest device's traffic counts, plus one latency of the slowest link crossed;
 * parameter sync: after backward, every logical parameter's gradient is all-reduced inside its
-  device group (all devices that execute an operator using it, :func:`spindle.memory.
+  device group (all devices that execute an operator using it, :func:`spindle.costs.memory.
   parameter_holders`: the runtime's pools); groups that share a device run one after another;
   disjoint groups run side by side.
 
 :class:`Links` is what the simulator needs of a cluster; :func:`links_for_cluster` builds it
-from a :class:`spindle.cluster.Cluster`, so the placement, the memory model and the simulator
+from a :class:`spindle.costs.cluster.Cluster`, so the placement, the memory model and the simulator
 see the same nodes and bandwidths.  :func:`predicted_send_bytes` is the bytes the runtime sends
 per iteration for a plan (forward + backward, between different devices).
 
@@ -41,15 +41,16 @@ import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from spindle.cluster import Cluster
-from spindle.estimator import Estimator
-from spindle.graph import MetaGraph
-from spindle.memory import ParameterIndex, parameter_holders, parameter_use
-from spindle.plan import (
+from spindle.costs.cluster import Cluster
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph
+from spindle.costs.memory import ParameterIndex, parameter_holders, parameter_use
+from spindle.costs.profile import Profile
+from spindle.plan.contract import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
     Plan,
@@ -57,9 +58,6 @@ from spindle.plan import (
     sync_bucket_runs,
     transfer_rows,
 )
-
-if TYPE_CHECKING:
-    from spindle.profiler import Profile
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ class _SliceLike(Protocol):
 
 
 class WaveLike(Protocol):
-    """A wave before placement (:class:`spindle.schedule.WaveSpec`) or after (a plan's)."""
+    """A wave before placement (:class:`spindle.planner.schedule.WaveSpec`) or after (a plan's)."""
 
     @property
     def slices(self) -> Sequence[_SliceLike]: ...
@@ -148,7 +146,7 @@ class Links:
         return t
 
     def allreduce_s(self, nbytes: float, group: tuple[int, ...]) -> float:
-        """Ring all-reduce, as :meth:`spindle.hardware.HardwareModel.allreduce_time`:
+        """Ring all-reduce, as :meth:`spindle.costs.hardware.HardwareModel.allreduce_time`:
         latency + 2 (n-1)/n of the bytes over the group's slowest link."""
         n = len(group)
         if n <= 1 or nbytes <= 0:
@@ -161,13 +159,13 @@ class Links:
 
 
 def links_for_cluster(
-    cluster: Cluster, activation_bytes: int | None = None, profile: "Profile | None" = None
+    cluster: Cluster, activation_bytes: int | None = None, profile: Profile | None = None
 ) -> Links:
     """The simulator's view of ``cluster``: its nodes, bandwidths and latencies; activations in
     the cluster precision's element size (2 for bf16, 4 for fp32) unless given.
 
     The optimizer phase is the hardware's memory-bound AdamW step
-    (:meth:`spindle.hardware.HardwareModel.optimizer_time`).  With a measured ``profile`` of the
+    (:meth:`spindle.costs.hardware.HardwareModel.optimizer_time`).  With a measured ``profile`` of the
     ``cpu`` preset (gloo processes on this machine), the profile's measurements replace the
     preset's placeholders: the all-reduce latency and bus bandwidth, the P2P exchange latency
     and bandwidth, and the optimizer phase (``fixed + per_param * parameters``)."""
@@ -275,7 +273,7 @@ def predicted_send_bytes(plan: Plan, graph: MetaGraph, element_bytes: int) -> fl
     """Bytes sent between different devices in one iteration, forward activations plus the
     same volume of gradients in backward, with ``element_bytes`` per element (4 for the fp32 CPU
     runtime).  Local copies (same device) are not counted.  The runtime re-splits rows with
-    :func:`spindle.plan.transfer_rows` too, so its measured bytes sent must equal this."""
+    :func:`spindle.plan.contract.transfer_rows` too, so its measured bytes sent must equal this."""
     return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan, graph)
                                      for _, _, e in moves)
 

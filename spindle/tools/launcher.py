@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from spindle.plan import Plan
+from spindle.plan.contract import Plan
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         return Plan.load(args.plan)
     import torch
 
-    from spindle.planning import make_plan
+    from spindle.planner.pipeline import make_plan
 
     hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
     return make_plan(args.workload, args.planner, args.nproc,

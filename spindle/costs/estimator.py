@@ -6,7 +6,7 @@ over its n devices) and ``valid_counts(op, num_devices)`` (the device counts the
 
 :class:`TableEstimator` holds explicit per-MetaOp tables (hand-written problems, tests, brute
 force).  The fitted piecewise alpha-beta estimator built from profile points or the hardware model
-lives in :mod:`spindle.scalability`.
+lives in :mod:`spindle.costs.scalability`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from spindle.graph import MetaOp
+from spindle.costs.graph import MetaOp
 
 
 @runtime_checkable

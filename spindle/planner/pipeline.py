@@ -4,10 +4,10 @@ This is the one function the CLI, the launcher and the benchmarks call; it times
 and keeps the pieces (graph, estimator, cluster, links) a caller needs to simulate or inspect
 the plan.
 
-Placement is Spindle's topology- and memory-aware :func:`spindle.placement.place` by default;
-``placement="naive"`` keeps :func:`spindle.placement.place_naive` (the sequential placement) for
+Placement is Spindle's topology- and memory-aware :func:`spindle.planner.placement.place` by default;
+``placement="naive"`` keeps :func:`spindle.planner.placement.place_naive` (the sequential placement) for
 comparison.  With ``check_memory`` (default) a plan whose devices do not fit their memory is
-refused with one :class:`spindle.placement.PlacementError` line; without it the plan is kept and
+refused with one :class:`spindle.planner.placement.PlacementError` line; without it the plan is kept and
 :attr:`PlanResult.memory` says which devices overflow.
 """
 
@@ -20,24 +20,31 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from spindle import bounds
-from spindle.cluster import Cluster, load_cluster
-from spindle.estimator import Estimator
-from spindle.graph import MetaGraph, MetaOp, contract
-from spindle.hardware import HardwareModel
-from spindle.memory import MemoryModel, format_gb, MemoryReport, ParameterIndex, memory_report
-from spindle.placement import PlacementError, place, place_naive
-from spindle.plan import Plan, plan_metaops, validate_plan
-from spindle.planners import PLANNERS, PlanningError, plan_waves
-from spindle.scalability import make_estimator
-from spindle.simulator import (
+from spindle.costs.cluster import Cluster, load_cluster
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph, MetaOp, contract
+from spindle.costs.hardware import HardwareModel
+from spindle.costs.memory import (
+    MemoryModel,
+    MemoryReport,
+    ParameterIndex,
+    format_gb,
+    memory_report,
+)
+from spindle.costs.profile import load_profile
+from spindle.costs.scalability import make_estimator
+from spindle.declare.workload import Workload, load_workload
+from spindle.plan.contract import Plan, plan_metaops, validate_plan
+from spindle.planner import bounds
+from spindle.planner.placement import PlacementError, place, place_naive
+from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
+from spindle.planner.simulator import (
     Links,
     SimulationResult,
     links_for_cluster,
     simulate,
     wave_compute_times,
 )
-from spindle.workload import Workload, load_workload
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
 PLACEMENTS = ("spindle", "naive")
@@ -136,7 +143,7 @@ def make_context(
     YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
     ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
     ``recompute`` (activation checkpointing) change only the memory model (see
-    :mod:`spindle.memory`; the runtime does neither)."""
+    :mod:`spindle.costs.memory`; the runtime does neither)."""
     if num_devices is not None and num_devices < 1:
         raise PlanningError(f"--devices {num_devices}: the device count must be at least 1")
     if devices_per_node is not None and devices_per_node < 1:
@@ -152,8 +159,6 @@ def make_context(
     graph = contract(w)
     measured = None
     if profile:
-        from spindle.profiler import load_profile  # local: the profiler module imports torch lazily
-
         measured = load_profile(profile)
     est = make_estimator(cl.hardware, measured, cl.devices_per_node)
     return PlanningContext(

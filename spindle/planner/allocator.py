@@ -32,8 +32,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spindle.estimator import Estimator
-from spindle.graph import MetaOp
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaOp
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from spindle.planning import evaluate, make_context
+from spindle.planner.pipeline import evaluate, make_context
 
 WARMUP = 3
 

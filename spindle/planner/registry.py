@@ -17,13 +17,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from spindle import baselines
-from spindle.allocator import AllocationError
-from spindle.estimator import Estimator, TableEstimator, data_parallel_counts
-from spindle.graph import LayerRef, MetaGraph, MetaOp
-from spindle.schedule import WaveSpec
-from spindle.scheduler import wavefront_schedule
-from spindle.workload import Workload, workload_from_dict
+from spindle.costs.estimator import Estimator, TableEstimator, data_parallel_counts
+from spindle.costs.graph import LayerRef, MetaGraph, MetaOp
+from spindle.declare.workload import Workload, workload_from_dict
+from spindle.planner import baselines
+from spindle.planner.allocator import AllocationError
+from spindle.planner.schedule import WaveSpec
+from spindle.planner.scheduler import wavefront_schedule
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,8 @@ def synthetic_graph(
     """A MetaGraph of ``len(layers)`` MetaOps written directly: MetaOp i has ``layers[i]`` layers,
     batch ``batches[i]`` (default 64), depends on the earlier MetaOps ``deps[i]`` and belongs to
     task ``tasks[i]`` (default: one task per MetaOp).  Levels are BFS depths, as in
-    :func:`spindle.graph.contract`.  The graph has no workload (``graph.workload is None``); pair
-    it with a :class:`spindle.estimator.TableEstimator`."""
+    :func:`spindle.costs.graph.contract`.  The graph has no workload (``graph.workload is None``); pair
+    it with a :class:`spindle.costs.estimator.TableEstimator`."""
     count = len(layers)
     deps = deps if deps is not None else [()] * count
     batches = batches if batches is not None else [64] * count

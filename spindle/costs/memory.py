@@ -28,8 +28,8 @@ Per device, two parts:
   log-probabilities, plus the largest *transient* of its slices (the gradient buffers of one
   layer during its backward: about one layer's saved activations; for an LM stage also the
   logits and their gradient).  Activation elements per layer come from
-  :func:`spindle.costmodel.layer_activation_elements` (via
-  :attr:`spindle.graph.MetaOp.saved_elements_per_sample_per_layer`), less the attention scores
+  :func:`spindle.layers.costmodel.layer_activation_elements` (via
+  :attr:`spindle.costs.graph.MetaOp.saved_elements_per_sample_per_layer`), less the attention scores
   when ``flash_attention`` (default: fused attention keeps O(s) statistics; the runtime's
   ``scaled_dot_product_attention`` does so on CPU too).  Loss logits are fp32 (autocast runs
   cross entropy in fp32) in both precisions.
@@ -60,8 +60,8 @@ from typing import Literal
 
 import numpy as np
 
-from spindle.graph import MetaGraph, MetaOp
-from spindle.plan import Plan, Slice, executing_devices
+from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.plan.contract import Plan, Slice, executing_devices
 
 GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
 LOGIT_BYTES = 4  # cross entropy in fp32 (autocast's fp32 list), also on CPU
@@ -112,7 +112,7 @@ def memory_model_for(precision: Literal["bf16-mixed", "fp32"] | str,
 
 def saved_elements_per_layer(metaop: MetaOp, model: MemoryModel) -> float:
     """Elements one layer of ``metaop`` keeps for backward, per sample.  The cost model's count
-    (:func:`spindle.costmodel.layer_activation_elements`) keeps the attention scores and
+    (:func:`spindle.layers.costmodel.layer_activation_elements`) keeps the attention scores and
     probabilities (2 x heads x s x s, and the cross-attention's 2 x heads x s x m); a fused
     attention kernel (FlashAttention on GPUs, PyTorch's CPU ``scaled_dot_product_attention``,
     which the runtime calls) keeps only O(s) statistics, so with ``flash_attention`` they are

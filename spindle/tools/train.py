@@ -1,0 +1,332 @@
+"""Train a plan for real: the torchrun entry point of the runtime engine.
+
+    torchrun --nproc-per-node N -m spindle.train WORKLOAD --plan plan.json [--steps K] [--seed S]
+        [--lr LR] [--save DIR] [--metrics FILE] [--dtype float32|float64]
+
+Every rank reads the same plan, builds only its own parameters, and runs the plan's waves
+(:class:`spindle.runtime.executor.TrainingRun`).  Backend: gloo on CPU, NCCL on CUDA (device
+``cuda:LOCAL_RANK``), with the same code.  Rank 0 shows a progress bar with the per-task losses,
+writes one JSON line per iteration to ``--metrics`` and, with ``--save DIR``, the trained
+parameters to ``DIR/params.pt`` (logical name -> tensor, the same names whatever the plan or
+world size).  Several ``--plan`` files are trained one after the other in one launch, each from
+the same initial parameters; with ``--save`` each goes to ``DIR/<plan file stem>/params.pt``.
+
+Failures (a plan for another world size or workload, a missing or invalid plan file, any error
+on any rank) end every rank with one line ``spindle.train: rank R: <reason>`` on stderr and a
+non-zero exit status, within the process-group timeout: the failing rank exits at once with
+``os._exit`` and torchrun stops the others.  Run without torchrun, it trains on one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+
+def _die(rank: int | str, reason: str, status: int = 1) -> NoReturn:
+    """Write the one line and leave at once, without running Python's shutdown (a collective
+    stuck in another thread must not keep this process alive)."""
+    try:
+        sys.stderr.flush()
+        sys.stderr.write(f"spindle.train: rank {rank}: {reason}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """torchrun stops the other ranks with SIGTERM when one fails: say so in one line."""
+    _die(os.environ.get("RANK", "0"), "stopped by the launcher (another rank failed)",
+         128 + signum)
+
+
+if __name__ == "__main__":
+    # Before the heavy imports below: torchrun may stop this rank while it is still importing.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from spindle.declare.workload import Workload, WorkloadError, load_workload  # noqa: E402
+from spindle.io import write_atomic  # noqa: E402
+from spindle.plan.contract import Plan, PlanError  # noqa: E402
+from spindle.runtime.executor import TrainingRun  # noqa: E402
+from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
+from spindle.runtime.model import check_supported  # noqa: E402
+from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES  # noqa: E402
+
+log = logging.getLogger("spindle.train")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+FAIL_RANK_ENV = "SPINDLE_FAIL_RANK"  # test hook: this rank raises at step SPINDLE_FAIL_STEP
+FAIL_STEP_ENV = "SPINDLE_FAIL_STEP"
+FAIL_MODE_ENV = "SPINDLE_FAIL_MODE"
+
+
+class TrainError(RuntimeError):
+    """A reason to stop training, reported as one line."""
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """This process's place in the job, from torchrun's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launched: bool  # started by torchrun (env:// rendezvous available)
+
+    @staticmethod
+    def from_environ() -> "RankEnv":
+        launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        return RankEnv(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            launched=launched,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spindle.train",
+        description="Train a Spindle plan on torch.distributed (launch with torchrun).",
+    )
+    p.add_argument("workload", help="a shipped workload name or a YAML/TOML file")
+    p.add_argument("--plan", nargs="+", required=True, metavar="PLAN",
+                   help="plan JSON file(s); several are trained one after the other")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA (NCCL) when available, else CPU (gloo)")
+    p.add_argument("--save", default=None, metavar="DIR", help="write DIR/params.pt at the end")
+    p.add_argument("--metrics", default=None, metavar="FILE",
+                   help="append one JSON line per iteration (rank 0)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds a collective may wait before the job fails (default 120)")
+    p.add_argument("--no-overlap-sync", action="store_true",
+                   help="all-reduce the gradients after the whole backward instead of each"
+                        " bucket as soon as the backward waves have made it final")
+    p.add_argument("--min-bucket-bytes", type=int, default=DEFAULT_MIN_BUCKET_BYTES,
+                   metavar="N",
+                   help="a sync bucket ends where the ready wave changes once it holds N bytes"
+                        f" (default {DEFAULT_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="log more")
+    return p
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+
+def _setup_logging(rank: int, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(name)s: rank {rank}: %(message)s"))
+    root = logging.getLogger("spindle")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    if verbose:
+        root.setLevel(logging.DEBUG if rank == 0 else logging.INFO)
+    else:
+        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def check_plan(plan: Plan, workload: Workload, world_size: int, source: str) -> None:
+    """Refuse, before any collective, a plan made for another world size or workload."""
+    if plan.workload_fingerprint != workload.fingerprint():
+        raise TrainError(
+            f"{source}: plan is for workload '{plan.workload}' (fingerprint"
+            f" {plan.workload_fingerprint}), not '{workload.name}' ({workload.fingerprint()})"
+        )
+    if plan.num_devices != world_size:
+        raise TrainError(
+            f"{source}: plan is for {plan.num_devices} devices but {world_size} ranks were"
+            f" launched (use --nproc-per-node {plan.num_devices})"
+        )
+
+
+def choose_device(choice: str, env: RankEnv) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda: no CUDA device is available")
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(env: RankEnv, device: torch.device, timeout_s: float) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if env.launched:
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # one process without torchrun: an in-memory store, no network
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+
+
+def _barrier(device: torch.device) -> None:
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+def _plan_labels(paths: list[str]) -> list[str]:
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{i}-{s}" for i, s in enumerate(stems)]
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _maybe_fail(env: RankEnv, step: int) -> None:
+    """The failure-handling tests' hook: make one rank raise (or, with SPINDLE_FAIL_MODE=hang,
+    stop responding) at one step."""
+    fail_rank = os.environ.get(FAIL_RANK_ENV)
+    if fail_rank is not None and int(fail_rank) == env.rank:
+        if step == int(os.environ.get(FAIL_STEP_ENV, "1")):
+            if os.environ.get(FAIL_MODE_ENV) == "hang":
+                time.sleep(24 * 3600)
+            raise TrainError(f"injected failure at step {step} ({FAIL_RANK_ENV}={fail_rank})")
+
+
+def train_plan(
+    args: argparse.Namespace, workload: Workload, plan: Plan, label: str, env: RankEnv,
+    device: torch.device, metrics: MetricsWriter,
+) -> dict[str, torch.Tensor] | None:
+    """Train ``plan`` for ``args.steps`` iterations; returns the parameters on rank 0 when
+    ``--save`` is given (None otherwise and on other ranks)."""
+    run = TrainingRun(
+        workload, plan, env.rank, env.world_size, device, seed=args.seed,
+        dtype=DTYPES[args.dtype], lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
+        timeout_s=args.timeout, overlap_sync=not args.no_overlap_sync,
+        min_bucket_bytes=args.min_bucket_bytes,
+    )
+    tasks = run.task_names
+    desc = plan.planner if len(args.plan) == 1 else f"{label} ({plan.planner})"
+    bar = tqdm(total=args.steps, desc=desc, unit="it", file=sys.stderr, leave=True,
+               disable=env.rank != 0 or args.no_progress, dynamic_ncols=True)
+    times: list[float] = []
+    try:
+        for step in range(args.steps):
+            _maybe_fail(env, step)
+            outcome = run.step(step)
+            vec = torch.tensor(outcome.rank_iteration.to_vector(tasks), dtype=torch.float64,
+                               device=device)
+            if env.world_size > 1:
+                gathered = [torch.empty(vector_length(len(tasks)), dtype=torch.float64,
+                                        device=device) for _ in range(env.world_size)]
+                dist.all_gather(gathered, vec)
+                vectors = [g.tolist() for g in gathered]
+            else:
+                vectors = [vec.tolist()]
+            record = combine_ranks(label, plan.planner, step, tasks, vectors, outcome.grad_norm)
+            times.append(record.time_s)
+            if env.rank == 0:
+                metrics.write(record)
+                bar.set_postfix({t: f"{v:.3f}" for t, v in record.losses.items()}, refresh=False)
+                bar.update(1)
+    finally:
+        bar.close()
+    if times:
+        tail = times[1:] or times
+        log.info("%s: %d steps, mean iteration %.4f s (after the first)", label, len(times),
+                 sum(tail) / len(tail))
+    if args.save is None:
+        return None
+    return run.gather_parameters()
+
+
+def save_parameters(path: Path, params: dict[str, torch.Tensor]) -> None:
+    """``path`` = a dict logical name -> tensor, written atomically."""
+    buf = io.BytesIO()
+    torch.save(params, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace, env: RankEnv) -> None:
+    workload = load_workload(args.workload)
+    check_supported(workload)
+    if args.steps < 0:
+        raise TrainError(f"--steps {args.steps}: must be at least 0")
+    if args.min_bucket_bytes < 0:
+        raise TrainError(f"--min-bucket-bytes {args.min_bucket_bytes}: must be at least 0")
+    plans = [Plan.load(p) for p in args.plan]
+    for plan, path in zip(plans, args.plan):
+        check_plan(plan, workload, env.world_size, path)
+    device = choose_device(args.device, env)
+    init_distributed(env, device, args.timeout)
+    if env.world_size > 1:  # the first collective involves everyone (NCCL's P2P needs it)
+        _barrier(device)
+    metrics = MetricsWriter(args.metrics if env.rank == 0 else None)
+    labels = _plan_labels(args.plan)
+    for plan, label in zip(plans, labels):
+        params = train_plan(args, workload, plan, label, env, device, metrics)
+        if params is not None and env.rank == 0:
+            out = Path(args.save) / ("" if len(plans) == 1 else label) / "params.pt"
+            save_parameters(out, params)
+            log.info("saved %d parameters to %s", len(params), out)
+    if env.world_size > 1:
+        _barrier(device)  # nobody leaves while another rank may still talk to it
+    dist.destroy_process_group()
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Timed out", "timed out", "NCCL", "gloo", "Gloo")
+
+
+def _one_line(err: BaseException) -> str:
+    """The reason of a failure in one line: our own errors as they are, a communication error
+    as 'lost contact with another rank', anything else with its type."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(err, (TrainError, PlanError, WorkloadError)):
+        return first or type(err).__name__
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, dist.DistError) or any(k in first for k in _PEER_LOST):
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+        return f"lost contact with another rank (it failed or stopped): {detail[:200]}"
+    return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The process entry: train, then leave with status 0, or 1 after one line."""
+    args = build_parser().parse_args(argv)
+    env = RankEnv.from_environ()
+    _setup_logging(env.rank, args.verbose)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run(args, env)
+    except BaseException as err:  # noqa: BLE001 - every failure becomes one line
+        log.debug("failure", exc_info=True)
+        _die(env.rank, _one_line(err))
+    # Leave without the interpreter's teardown: with gloo, destructors of the communication
+    # threads at exit sometimes abort ("terminate called without an active exception") after
+    # all work has finished successfully.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
