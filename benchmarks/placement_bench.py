@@ -14,7 +14,9 @@ the placement time of a 50-task workload on 1024 devices.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 from spindle.costs.cluster import load_cluster
 from spindle.costs.graph import contract
@@ -22,8 +24,11 @@ from spindle.costs.memory import GB
 from spindle.costs.scalability import make_estimator
 from spindle.planner.pipeline import PlanResult, evaluate, make_context
 from spindle.planner.placement import PlacementError, best_candidate, place_candidates
-from spindle.planner.registry import plan_waves, random_workload
+from spindle.planner.registry import plan_waves
 from spindle.planner.simulator import links_for_cluster, wave_compute_times
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import random_workload  # noqa: E402  (the tests' synthetic workloads)
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
          "qwen-val-3"]

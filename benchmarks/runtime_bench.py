@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from spindle.declare.workload import load_workload
-    from spindle.plan.contract import Plan
+    from spindle.plan.checks import load_plan
     from spindle.runtime.ddp_baseline import run_ddp_baseline
     from spindle.runtime.executor import TrainingRun
 
@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     for name in args.workload:
         workload = load_workload(name)
         runs = {
-            p: TrainingRun(workload, Plan.load(plans_dir / f"{name}-{p}.json"), rank, world,
+            p: TrainingRun(workload, load_plan(plans_dir / f"{name}-{p}.json"), rank, world,
                            device, seed=args.seed)
             for p in PLANNED
         }

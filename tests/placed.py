@@ -1,11 +1,12 @@
 """Test helper: place unplaced waves naively and run the plan validator on the result."""
 
 from spindle.costs.graph import MetaGraph
-from spindle.plan.contract import Plan, plan_metaops, validate_plan
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import Plan, Wave
 from spindle.planner.placement import place_naive
-from spindle.planner.schedule import WaveSpec
 
 
-def validate_placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> None:
+def validate_placed(waves: list[Wave], graph: MetaGraph, num_devices: int) -> None:
     placed = tuple(place_naive(waves, num_devices))
-    validate_plan(Plan("t", "t", "0", num_devices, 1, "", plan_metaops(graph), placed), graph)
+    validate_plan(Plan("t", "t", "0", num_devices, 1, "", tuple(graph.metaops), placed),
+                  graph.metaops)

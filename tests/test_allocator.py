@@ -16,7 +16,7 @@ from spindle.planner.allocator import (
     bipoint,
     relaxed_optimum,
 )
-from spindle.planner.registry import synthetic_graph
+from tests.fixtures import synthetic_graph
 
 
 def _curve(table: dict[int, float]) -> ScalingCurve:

@@ -7,20 +7,14 @@ import pytest
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import MetaGraph, contract
 from spindle.declare.workload import load_workload
+from spindle.plan.contract import Wave, schedule_length
 from spindle.planner.baselines import distmm_mt, optimus, sequential, uniform
-from spindle.planner.registry import (
-    PLANNERS,
-    PlanningError,
-    alpha_beta_estimator,
-    check_waves,
-    plan_waves,
-    synthetic_graph,
-)
-from spindle.planner.schedule import WaveSpec, schedule_length
+from spindle.planner.registry import PLANNERS, PlanningError, check_waves, plan_waves
+from tests.fixtures import alpha_beta_estimator, synthetic_graph
 from tests.placed import validate_placed
 
 
-def _slices(waves: list[WaveSpec]) -> list[list[tuple[int, int, int]]]:
+def _slices(waves: list[Wave]) -> list[list[tuple[int, int, int]]]:
     return [[(s.metaop, s.n, s.num_layers) for s in w.slices] for w in waves]
 
 

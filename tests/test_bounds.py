@@ -9,6 +9,7 @@ import pytest
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import contract
 from spindle.declare.workload import load_workload
+from spindle.plan.contract import Slice, Wave, schedule_length
 from spindle.planner.allocator import allocate_level
 from spindle.planner.bounds import (
     global_lower_bound,
@@ -18,13 +19,8 @@ from spindle.planner.bounds import (
     lower_bound,
     relaxed_optimum,
 )
-from spindle.planner.registry import (
-    PLANNERS,
-    alpha_beta_estimator,
-    check_waves,
-    synthetic_graph,
-)
-from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
+from spindle.planner.registry import PLANNERS, check_waves
+from tests.fixtures import alpha_beta_estimator, synthetic_graph
 
 
 def test_relaxed_optimum_is_the_sum_of_level_c_star():
@@ -95,8 +91,8 @@ def test_relaxed_optimum_is_not_a_lower_bound_but_level_bound_is():
     g = synthetic_graph([5, 3], batches=[4, 4])
     est = TableEstimator({0: {1: 1.0, 4: 0.3}, 1: {1: 1.0, 4: 0.25}})
     waves = [
-        WaveSpec((SliceSpec(0, 0, 4, 4, 4 * 0.3), SliceSpec(1, 0, 1, 1, 1.0)), 0),
-        WaveSpec((SliceSpec(0, 4, 5, 1, 1.0), SliceSpec(1, 1, 3, 4, 2 * 0.25)), 0),
+        Wave((Slice(0, 0, 4, count=4, time_s=4 * 0.3), Slice(1, 0, 1, count=1, time_s=1.0)), 0),
+        Wave((Slice(0, 4, 5, count=1, time_s=1.0), Slice(1, 1, 3, count=4, time_s=2 * 0.25)), 0),
     ]
     check_waves(waves, g, est, 5)
     length = schedule_length(waves)

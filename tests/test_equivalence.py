@@ -29,7 +29,8 @@ import torch
 
 from spindle.costs.graph import contract
 from spindle.declare.workload import Workload, load_workload
-from spindle.plan.contract import Plan, Slice, Wave, plan_metaops, validate_plan
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import Plan, Slice, Wave
 
 WORKLOADS = ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val")
 WORLD_SIZES = (1, 2, 4)
@@ -47,9 +48,9 @@ def _plan(workload: Workload, name: str, num_devices: int, waves: list[Wave]) ->
     plan = Plan(
         planner=name, workload=workload.name, workload_fingerprint=workload.fingerprint(),
         num_devices=num_devices, devices_per_node=num_devices, hardware="hand",
-        metaops=plan_metaops(graph), waves=tuple(waves),
+        metaops=tuple(graph.metaops), waves=tuple(waves),
     )
-    validate_plan(plan, graph, source=name)
+    validate_plan(plan, graph.metaops, source=name)
     return plan
 
 

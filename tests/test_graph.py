@@ -11,21 +11,21 @@ def test_clip_metaops_are_stage_chains():
     assert sum(m.num_layers for m in g.metaops) == len(ops)
     by_name = {m.name: m for m in g.metaops}
     vt = by_name["vision-text/vision"]
-    assert vt.num_layers == 32 and vt.batch == 256 and vt.tokens == 257 and vt.level == 0
+    assert vt.num_layers == 32 and vt.batch == 256 and vt.cost.tokens == 257 and vt.level == 0
     loss = by_name["vision-text/loss"]
     assert loss.is_loss and loss.level == 1 and len(loss.deps) == 2
     # the text encoder on two tasks: two MetaOps sharing parameters
-    shared = g.shared_parameter_groups()[("text", 0)]
-    assert len(shared) == 2
+    texts = [m for m in g.metaops if m.component == "text"]
+    assert len(texts) == 2 and all(m.cost.shared_by == 2 for m in texts)
 
 
 def test_contraction_rule_breaks_on_shape_and_indegree():
     g = contract(load_workload("ofasys-4"))
     by = {m.name: m for m in g.metaops}
     enc = by["caption/encode"]
-    assert enc.tokens == 197 + 16 and enc.deps == (by["caption/vit"].id,)
+    assert enc.cost.tokens == 197 + 16 and enc.deps == (by["caption/vit"].id,)
     dec = by["caption/decode"]
-    assert dec.memory_tokens == 197 + 16 and dec.level == 2 and dec.num_layers == 12
+    assert dec.cost.memory_tokens == 197 + 16 and dec.level == 2 and dec.num_layers == 12
     summ = by["summarize/encode"]
     assert summ.level == 0 and summ.deps == ()
 
@@ -42,7 +42,7 @@ def test_levels_never_depend_within_level():
 def test_pooling_and_concatenation_shapes():
     g = contract(load_workload("qwen-val-3"))
     by = {m.name: m for m in g.metaops}
-    assert by["vision-audio-language/lm"].tokens == 256 + 750 + 128
-    assert by["vision-language/vision"].out_elements_per_sample == 256 * 1664
+    assert by["vision-audio-language/lm"].cost.tokens == 256 + 750 + 128
+    assert by["vision-language/vision"].cost.out_elements_per_sample == 256 * 1664
     # lm loss stage hands nothing on
-    assert by["vision-language/lm"].out_elements_per_sample == 0
+    assert by["vision-language/lm"].cost.out_elements_per_sample == 0

@@ -18,11 +18,11 @@ from spindle.declare.workload import (
     shipped_workloads,
     workload_from_dict,
 )
-from spindle.plan.contract import Plan, Slice, Wave, plan_metaops
+from spindle.plan.contract import Plan, Slice, Wave
 
 
 def _plan(w, g, waves, n):
-    return Plan("hand", w.name, w.fingerprint(), n, n, "cpu", plan_metaops(g), tuple(waves))
+    return Plan("hand", w.name, w.fingerprint(), n, n, "cpu", tuple(g.metaops), tuple(waves))
 
 
 def _one_device_plan(w, g):
@@ -53,7 +53,7 @@ def test_operator_parameters_match_the_runtime(name):
             for n in parameter_names(w, m.layers[layer]):
                 key = _group(n)
                 expected[key] = expected.get(key, 0) + math.prod(parameter_shape(w, n))
-            assert operator_parameters(g, m, layer) == expected, (m.name, layer)
+            assert operator_parameters(w, m.layers[layer]) == expected, (m.name, layer)
 
 
 def test_bytes_per_parameter():
@@ -78,7 +78,7 @@ def test_shared_parameters_are_counted_once_per_device():
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0,)),)) for m in texts]
     rep = memory_report(_plan(w, g, waves, 2), g, FP32)
     one = memory_report(_plan(w, g, waves[:1], 2), g, FP32)
-    blocks = sum(m.params_per_layer for m in texts[:1]) * texts[0].num_layers
+    blocks = sum(m.cost.params_per_layer for m in texts[:1]) * texts[0].num_layers
     # the second and third text MetaOps add only their own last-layer pieces (projection and
     # norm are shared too), so nothing at all
     assert rep.devices[0].num_params == one.devices[0].num_params >= blocks
@@ -107,7 +107,7 @@ def test_activation_peak_of_a_hand_made_plan():
     assert rep.devices[1].transient_bytes == pytest.approx(4 * per)
     params = {0: 0, 1: 0}
     for d, layers in ((0, range(3)), (1, range(2))):
-        params[d] = sum(sum(operator_parameters(g, vis, l).values()) for l in layers)
+        params[d] = sum(sum(operator_parameters(w, vis.layers[l]).values()) for l in layers)
     for d in (0, 1):
         dm = rep.devices[d]
         assert dm.param_bytes == 16 * params[d]

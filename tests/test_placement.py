@@ -8,9 +8,15 @@ import pytest
 
 from spindle.costs.cluster import load_cluster
 from spindle.costs.graph import contract
-from spindle.costs.memory import MemoryLedger, memory_report
+from spindle.costs.memory import (
+    MemoryLedger,
+    memory_report,
+    parameter_index,
+    pool_sizes,
+)
 from spindle.declare.workload import load_workload
-from spindle.plan.contract import Plan, Slice, plan_metaops, validate_plan
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import Plan, Slice, Wave
 from spindle.planner.placement import (
     PlacementError,
     best_candidate,
@@ -19,20 +25,19 @@ from spindle.planner.placement import (
     place_greedy,
     place_naive,
 )
-from spindle.planner.schedule import SliceSpec, WaveSpec
-from spindle.planner.simulator import communication, links_for_cluster, parameter_groups
+from spindle.planner.simulator import communication, links_for_cluster
 
 
 def _spec(*slices, level=None):
-    return WaveSpec(tuple(SliceSpec(m, a, b, n, 0.01 * (b - a)) for m, a, b, n in slices), level)
+    return Wave(tuple(Slice(m, a, b, count=n, time_s=0.01 * (b - a)) for m, a, b, n in slices), level)
 
 
 def _plan(w, g, waves, cluster, complete=False):
     """A plan of placed waves; ``complete`` ones (every layer scheduled) are validated."""
     p = Plan("hand", w.name, w.fingerprint(), cluster.num_devices, cluster.devices_per_node,
-             cluster.hardware.name, plan_metaops(g), tuple(waves))
+             cluster.hardware.name, tuple(g.metaops), tuple(waves))
     if complete:
-        validate_plan(p, g)
+        validate_plan(p, g.metaops)
     return p
 
 
@@ -91,8 +96,8 @@ def test_metaops_sharing_parameters_share_devices():
     naive = place_naive(waves, 4)
     assert set(_devices(naive, 0, vt)) != set(_devices(naive, 1, at))
     # so every parameter's device group has 2 devices (4 for the text layers when spread)
-    assert max(len(d) for d in parameter_groups(_plan(w, g, placed, c), g)) == 2
-    assert max(len(d) for d in parameter_groups(_plan(w, g, naive, c), g)) == 4
+    assert max(len(d) for d in pool_sizes(_plan(w, g, placed, c), parameter_index(g))) == 2
+    assert max(len(d) for d in pool_sizes(_plan(w, g, naive, c), parameter_index(g))) == 4
 
 
 @pytest.mark.parametrize("name, n", [("tiny-multitask-clip", 2), ("tiny-ofasys", 4),
@@ -203,7 +208,8 @@ def test_the_greedy_placement_alone_reduces_inter_node_traffic():
 
 def test_placement_is_fast():
     from spindle.costs.scalability import make_estimator
-    from spindle.planner.registry import plan_waves, random_workload
+    from spindle.planner.registry import plan_waves
+    from tests.fixtures import random_workload
 
     for name in ("multitask-clip-10", "ofasys-7", "qwen-val-3"):
         g = contract(load_workload(name))

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import MetaGraph
+from spindle.plan.contract import schedule_length
 from spindle.planner.allocator import allocate_level, scaling_curves
 from spindle.planner.bounds import global_lower_bound, level_lower_bound
-from spindle.planner.registry import PLANNERS, check_waves, synthetic_graph
-from spindle.planner.schedule import schedule_length
+from spindle.planner.registry import PLANNERS, check_waves
 from spindle.planner.scheduler import SchedulerOptions, wavefront_schedule
+from tests.fixtures import synthetic_graph
 from tests.placed import validate_placed
 
 SETTINGS = settings(max_examples=300, deadline=None,

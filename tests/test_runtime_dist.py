@@ -17,22 +17,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.costs.graph import contract
 from spindle.declare.workload import load_workload
+from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan, Slice, Wave
-from spindle.runtime.localise import (
+from spindle.plan.layout import (
+    ParameterIndex,
     RowRange,
-    executing_ranks,
     iter_slices,
+    parameter_pools,
+    parameter_use,
+    pieces,
+    slice_rows,
+    sync_buckets,
+)
+from spindle.runtime.localise import (
+    executing_ranks,
     localise,
     parameter_device_groups,
+    parameter_index,
     rows_on,
-    slice_layout,
 )
 from spindle.runtime.metrics import PHASES, RankIteration, combine_ranks
 from spindle.runtime.model import all_parameter_names, init_parameter, parameter_names
-from spindle.runtime.param_groups import build_pools
-from spindle.runtime.transmission import TransmissionSchedule, split_rows
+from spindle.runtime.transmission import TransmissionSchedule
+from tests.fixtures import synthetic_graph
 from tests.test_equivalence import (  # shared plan helpers and launching
     REPO,
     WORKLOADS,
@@ -50,33 +58,33 @@ def _layout(devices: tuple[int, ...], batch: int) -> list[tuple[int, RowRange]]:
 
 
 def test_four_devices_to_two_resplits_rows() -> None:
-    pieces = split_rows(_layout((0, 1, 2, 3), 8), _layout((2, 0), 8))
-    got = [(p.src, p.dst, p.rows.start, p.rows.end) for p in pieces]
+    moves = pieces(_layout((0, 1, 2, 3), 8), _layout((2, 0), 8))
+    got = [(p.src, p.dst, p.rows.start, p.rows.end) for p in moves]
     assert got == [(2, 0, 4, 6), (3, 0, 6, 8), (0, 2, 0, 2), (1, 2, 2, 4)]
-    first = pieces[0]  # rows 4..6: the start of rank 2's rows, the start of rank 0's rows
+    first = moves[0]  # rows 4..6: the start of rank 2's rows, the start of rank 0's rows
     assert (first.src_index(), first.dst_index()) == (slice(0, 2), slice(0, 2))
-    assert pieces[1].dst_index() == slice(2, 4)
-    assert [p.is_local for p in pieces] == [False, False, False, False]
+    assert moves[1].dst_index() == slice(2, 4)
+    assert [p.is_local for p in moves] == [False, False, False, False]
 
 
 def test_two_devices_to_four_and_same_group_is_local() -> None:
-    pieces = split_rows(_layout((0, 1), 8), _layout((0, 1, 2, 3), 8))
-    assert [(p.src, p.dst, p.rows.start, p.src_index()) for p in pieces] == [
+    moves = pieces(_layout((0, 1), 8), _layout((0, 1, 2, 3), 8))
+    assert [(p.src, p.dst, p.rows.start, p.src_index()) for p in moves] == [
         (0, 0, 0, slice(0, 2)), (0, 1, 2, slice(2, 4)), (1, 2, 4, slice(0, 2)),
         (1, 3, 6, slice(2, 4)),
     ]
-    same = split_rows(_layout((3, 1), 4), _layout((3, 1), 4))
+    same = pieces(_layout((3, 1), 4), _layout((3, 1), 4))
     assert all(p.is_local for p in same) and len(same) == 2
 
 
 def test_contrastive_loss_runs_on_the_first_device_with_the_whole_batch() -> None:
     w = load_workload("tiny-multitask-clip")
     plan = sequential_hand_plan(w, 4)
-    for _, s in iter_slices(plan):
+    for _, s in iter_slices(plan.waves):
         m = plan.metaops[s.metaop]
         if m.kind == "contrastive":
             assert s.n == 4
-            assert slice_layout(plan, s) == ((s.devices[0], RowRange(0, m.batch)),)
+            assert slice_rows(plan.metaops[s.metaop], s.devices) == ((s.devices[0], RowRange(0, m.batch)),)
             assert executing_ranks(plan, s) == (s.devices[0],)
             assert rows_on(plan, s, s.devices[1]) is None
 
@@ -85,13 +93,13 @@ def test_contrastive_loss_runs_on_the_first_device_with_the_whole_batch() -> Non
 def test_every_slice_gets_each_of_its_rows_exactly_once(workload: str) -> None:
     plan = demanding_mixed_plan(load_workload(workload), 4)
     schedule = TransmissionSchedule.build(plan)
-    for ref, s in iter_slices(plan):
+    for ref, s in iter_slices(plan.waves):
         m = plan.metaops[s.metaop]
         edges = schedule.inputs_of.get(ref, ())
         assert len(edges) == (1 if s.layer_start > 0 else len(m.deps))
         for e in edges:
             assert e.producer.wave < ref.wave
-            for rank, rows in slice_layout(plan, s):
+            for rank, rows in slice_rows(plan.metaops[s.metaop], s.devices):
                 mine = sorted((p.rows.start, p.rows.end) for p in e.pieces if p.dst == rank)
                 assert mine[0][0] == rows.start and mine[-1][1] == rows.end
                 assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
@@ -103,12 +111,12 @@ def test_every_slice_gets_each_of_its_rows_exactly_once(workload: str) -> None:
 def test_each_rank_builds_only_its_parameters_from_name_and_seed() -> None:
     w = load_workload("tiny-ofasys")
     plan = demanding_mixed_plan(w, 4)
-    groups = parameter_device_groups(w, plan)
+    groups = parameter_device_groups(parameter_index(w, plan), plan)
     assert sorted(groups) == all_parameter_names(w)
     seen: set[str] = set()
     for rank in range(4):
         local = localise(w, plan, rank, seed=3, dtype=torch.float64)
-        used = {n for _, s in iter_slices(plan) if rank in executing_ranks(plan, s)
+        used = {n for _, s in iter_slices(plan.waves) if rank in executing_ranks(plan, s)
                 for ref in plan.metaops[s.metaop].layers[s.layer_start:s.layer_end]
                 for n in parameter_names(w, ref)}
         assert set(local.params) == used
@@ -119,21 +127,32 @@ def test_each_rank_builds_only_its_parameters_from_name_and_seed() -> None:
     assert seen == set(groups)
 
 
-def test_pools_group_parameters_by_device_group_in_a_fixed_order() -> None:
-    groups = {"a": (0, 1), "b": (1,), "c": (0, 1), "d": (0, 1, 2, 3), "e": (1,)}
-    pools = build_pools(groups)
-    assert [(p.ranks, p.names) for p in pools] == [
-        ((1,), ("b", "e")), ((0, 1), ("a", "c")), ((0, 1, 2, 3), ("d",)),
-    ]
-    assert build_pools(dict(reversed(list(groups.items())))) == pools
+def _bucket_plan() -> tuple[Plan, ParameterIndex]:
+    """Four one-layer MetaOps, one per wave, using the keys ``solo`` on (0,), ``b`` on (0, 1),
+    ``d`` on (0, 1, 2), ``a`` and ``c`` on (0, 1): ready waves 0, 1, 2, 3, 3."""
+    graph = synthetic_graph([1] * 4, batches=[48] * 4)
+    uses = [{"solo": 1}, {"b": 1}, {"d": 1}, {"a": 2, "c": 1}]
+    devices = [(0,), (0, 1), (0, 1, 2), (0, 1)]
+    plan = Plan("hand", "t", "0", 3, 3, "", tuple(graph.metaops),
+                tuple(Wave((Slice(i, 0, 1, devices[i]),)) for i in range(4)))
+    index = ParameterIndex(graph.metaops, lambda ref: uses[int(ref.task[1:])])
+    return plan, index
+
+
+def test_pools_group_parameters_by_device_group_in_order_of_their_first_key() -> None:
+    plan, index = _bucket_plan()
+    holds, ready = parameter_use(plan, index)
+    pools = {g: [index.names[i] for i in ids] for g, ids in parameter_pools(holds).items()}
+    assert pools == {(0,): ["solo"], (0, 1): ["b", "a", "c"], (0, 1, 2): ["d"]}
+    assert dict(zip(index.names, ready.tolist())) == {"solo": 0, "b": 1, "d": 2, "a": 3, "c": 3}
 
 
 def test_ready_waves_are_the_earliest_wave_using_a_parameter() -> None:
-    from spindle.runtime.localise import parameter_ready_waves
-
     w = load_workload("tiny-qwen-val")
     plan = sequential_hand_plan(w, 2)
-    ready = parameter_ready_waves(w, plan)
+    index = parameter_index(w, plan)
+    _, ready_of = parameter_use(plan, index)
+    ready = dict(zip(index.names, ready_of.tolist()))
     assert set(ready) == set(all_parameter_names(w))
     for name, wave in ready.items():
         using = [wi for wi, wv in enumerate(plan.waves) for s in wv.slices
@@ -145,27 +164,21 @@ def test_ready_waves_are_the_earliest_wave_using_a_parameter() -> None:
 
 
 def test_sync_buckets_follow_the_ready_waves_and_the_size_caps() -> None:
-    from spindle.runtime.param_groups import ParameterGroups
-
-    groups = {"a": (0, 1), "b": (0, 1), "c": (0, 1), "d": (0, 1, 2), "solo": (0,)}
-    ready = {"a": 3, "b": 1, "c": 3, "d": 2, "solo": 0}
+    plan, index = _bucket_plan()
+    holds, ready = parameter_use(plan, index)
     mib = 1 << 20
-    sizes = {"a": 2 * mib, "b": mib, "c": mib, "d": mib, "solo": mib}
 
-    def buckets(cap: int, least: int) -> list[tuple[tuple[str, ...], int]]:
-        pg = ParameterGroups(groups, 0, 1, ready_wave=ready, param_bytes=sizes,
-                             bucket_bytes=cap, min_bucket_bytes=least)
-        return [(b.names, b.ready_wave) for b in pg.buckets]
+    def buckets(cap: float, least: float, waves=ready) -> list[tuple[tuple[str, ...], int]]:
+        return [(tuple(index.names[k] for k in b.keys), b.ready_wave)
+                for b in sync_buckets(index, holds, waves, mib, cap, least)]
 
     # launch order: descending ready wave; one-rank pools are never synced
     assert buckets(25 * mib, mib) == [(("a", "c"), 3), (("d",), 2), (("b",), 1)]
-    assert buckets(int(2.5 * mib), mib) == [(("a",), 3), (("c",), 3), (("d",), 2), (("b",), 1)]
+    assert buckets(2.5 * mib, mib) == [(("a",), 3), (("c",), 3), (("d",), 2), (("b",), 1)]
     # below the minimum a bucket runs on past a ready-wave change: it is final at the later
     assert buckets(25 * mib, 8 * mib) == [(("d",), 2), (("a", "c", "b"), 1)]
     # without ready waves (no overlap): one bucket per pool, final at the end (wave 0)
-    pg = ParameterGroups(groups, 0, 1, param_bytes=sizes)
-    assert [(b.names, b.ready_wave) for b in pg.buckets] == [
-        (("a", "b", "c"), 0), (("d",), 0)]
+    assert buckets(25 * mib, mib, 0 * ready) == [(("a", "b", "c"), 0), (("d",), 0)]
 
 
 def test_combine_ranks_takes_the_slowest_phase_and_sums_bytes_and_losses() -> None:
@@ -229,7 +242,6 @@ def test_bytes_sent_equal_the_planners_prediction(tmp_path: Path) -> None:
     from spindle.planner.simulator import predicted_send_bytes
 
     w = load_workload("tiny-ofasys")
-    graph = contract(w)
     plans = {"spindle": make_plan(w, "spindle", 4, 4), "mixed": demanding_mixed_plan(w, 4)}
     paths = []
     for label, plan in plans.items():
@@ -243,7 +255,7 @@ def test_bytes_sent_equal_the_planners_prediction(tmp_path: Path) -> None:
     assert [(r["plan"], r["step"]) for r in records] == [
         ("spindle", 0), ("spindle", 1), ("mixed", 0), ("mixed", 1)]
     for r in records:
-        want = predicted_send_bytes(plans[r["plan"]], graph, 4)
+        want = predicted_send_bytes(plans[r["plan"]], 4)
         assert r["bytes_sent"] == want
         assert want > 0 or r["plan"] == "spindle"  # placement may keep every flow on its device
         assert r["bytes_sent_forward"] == r["bytes_sent_backward"]
@@ -313,7 +325,7 @@ def test_spindle_train_plans_launches_and_saves(tmp_path: Path) -> None:
     assert run_train_command(args) == 0
     params = torch.load(tmp_path / "params.pt")
     assert sorted(params) == all_parameter_names(load_workload("tiny-qwen-val"))
-    assert Plan.load(tmp_path / "plan.json").planner == "spindle"
+    assert load_plan(tmp_path / "plan.json").planner == "spindle"
 
     wrong = parser.parse_args(["tiny-qwen-val", "--nproc", "4", "--plan",
                                str(tmp_path / "plan.json")])

@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spindle.declare.workload import load_workload, workload_from_dict
+from spindle.declare.workload import LayerRef, load_workload, workload_from_dict
 from spindle.layers import costmodel
-from spindle.plan.contract import PlanLayer
 from spindle.runtime.data import make_raw, token_range
 from spindle.runtime.model import (
     LOSS_STAGE,
@@ -71,13 +70,13 @@ def test_parameter_names_cover_operators(name: str) -> None:
 
 def test_operator_parameters_by_role() -> None:
     w = load_workload("tiny-ofasys")
-    enc0 = parameter_names(w, PlanLayer("caption", "encode", "lm_encoder", 0))
+    enc0 = parameter_names(w, LayerRef("caption", "encode", "lm_encoder", 0))
     assert "lm_encoder.in_proj.vit.weight" in enc0 and "lm_encoder.input.embedding" in enc0
-    dec_last = parameter_names(w, PlanLayer("caption", "decode", "lm_decoder", 1))
+    dec_last = parameter_names(w, LayerRef("caption", "decode", "lm_decoder", 1))
     assert "lm_decoder.head.weight" in dec_last and "lm_decoder.norm.bias" in dec_last
     assert "lm_decoder.in_proj.lm_encoder.weight" not in dec_last
     clip = load_workload("tiny-multitask-clip")
-    loss = PlanLayer("vision-text", LOSS_STAGE, "", 0)
+    loss = LayerRef("vision-text", LOSS_STAGE, "", 0)
     assert parameter_names(clip, loss) == ["loss.vision-text.logit_scale"]
     assert parameter_shape(clip, "loss.vision-text.logit_scale") == ()
 
@@ -119,7 +118,7 @@ def _run_rows(
     for st in t.stages:
         carry = None
         for layer in range(w.components[st.component].layers):
-            ref = PlanLayer(task, st.name, st.component, layer)
+            ref = LayerRef(task, st.name, st.component, layer)
             ins = {s: out[s] for s in operator_input_stages(w, ref)}
             r = raw[st.name][rows] if needs_raw(w, ref) else None  # type: ignore[index]
             carry = run_operator(
@@ -136,7 +135,7 @@ def _task_loss(w, task: str, params, raw, splits: list[slice]) -> torch.Tensor:
     if t.loss.type == "lm":
         return sum(p[str(t.loss.stage)] for p in parts)  # type: ignore[return-value]
     full = {s: (torch.cat([p[s][0] for p in parts]),) for s in t.loss.inputs}  # type: ignore[index]
-    loss_op = PlanLayer(task, LOSS_STAGE, "", 0)
+    loss_op = LayerRef(task, LOSS_STAGE, "", 0)
     loss = run_operator(w, loss_op, params, None, full, None, t.batch_size)
     assert isinstance(loss, torch.Tensor)
     return loss

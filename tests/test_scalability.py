@@ -10,23 +10,24 @@ import pytest
 import yaml
 
 from spindle.costs.estimator import Estimator, data_parallel_counts
-from spindle.costs.graph import MetaOp, contract
+from spindle.costs.graph import contract
 from spindle.costs.hardware import (
     HARDWARE_FILE,
     HardwareError,
     HardwareModel,
     load_hardware,
 )
+from spindle.costs.profile import ring_factor
 from spindle.costs.scalability import (
     FittedEstimator,
     HardwarePoints,
     PiecewiseAlphaBeta,
     default_uppers,
     make_estimator,
-    ring_factor,
     sample_counts,
 )
 from spindle.declare.workload import load_workload, workload_from_dict
+from spindle.plan.contract import MetaOp
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ class _RisingSource:
     compute it saves)."""
 
     def points(self, op: MetaOp, max_n: int):  # type: ignore[no-untyped-def]
-        from spindle.costs.scalability import ProfilePoint, SourcePoints
+        from spindle.costs.profile import ProfilePoint
+        from spindle.costs.scalability import SourcePoints
 
         pts = []
         for n in sample_counts(op.batch, max_n):

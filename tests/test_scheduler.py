@@ -9,24 +9,19 @@ import pytest
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import MetaGraph, contract
 from spindle.declare.workload import load_workload
-from spindle.plan.contract import Plan, Slice, Wave, plan_metaops, validate_plan
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import Plan, Slice, Wave, schedule_length
 from spindle.planner.allocator import relaxed_optimum as allocator_optimum
 from spindle.planner.allocator import scaling_curves
 from spindle.planner.bounds import global_lower_bound, level_optima, relaxed_optimum
-from spindle.planner.registry import (
-    alpha_beta_estimator,
-    check_waves,
-    plan_waves,
-    random_workload,
-    synthetic_graph,
-)
-from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
+from spindle.planner.registry import check_waves, plan_waves
 from spindle.planner.scheduler import (
     SchedulerOptions,
     merge_waves,
     rebalance_levels,
     wavefront_schedule,
 )
+from tests.fixtures import alpha_beta_estimator, random_workload, synthetic_graph
 
 SHIPPED = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
            "qwen-val-3"]
@@ -34,7 +29,7 @@ PAPER = SchedulerOptions(rebalance_levels=False, fill_across_levels=False, align
                          portfolio=False, rollouts=0)
 
 
-def placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> Plan:
+def placed(waves: list[Wave], graph: MetaGraph, num_devices: int) -> Plan:
     """The waves on devices 0..n-1, n..., contiguous per wave, as a validated Plan."""
     out = []
     for w in waves:
@@ -45,9 +40,9 @@ def placed(waves: list[WaveSpec], graph: MetaGraph, num_devices: int) -> Plan:
                                 tuple(range(nxt, nxt + s.n)), s.time_s))
             nxt += s.n
         out.append(Wave(tuple(slices), w.level))
-    plan = Plan("test", "test", "0", num_devices, min(8, num_devices), "", plan_metaops(graph),
+    plan = Plan("test", "test", "0", num_devices, min(8, num_devices), "", tuple(graph.metaops),
                 tuple(out))
-    validate_plan(plan, graph)
+    validate_plan(plan, graph.metaops)
     return plan
 
 
@@ -167,18 +162,18 @@ def test_rebalancing_moves_a_metaop_into_its_slack():
 
 def test_merge_joins_identical_waves_and_keeps_dependencies():
     g = synthetic_graph([4, 4, 2], [(), (), (0,)])
-    a = WaveSpec((SliceSpec(0, 0, 2, 2, 2.0), SliceSpec(1, 0, 2, 2, 2.0)), 0)
-    b = WaveSpec((SliceSpec(0, 2, 4, 2, 2.0), SliceSpec(1, 2, 4, 2, 2.0)), 0)
-    c = WaveSpec((SliceSpec(2, 0, 2, 4, 1.0),), 1)
+    a = Wave((Slice(0, 0, 2, count=2, time_s=2.0), Slice(1, 0, 2, count=2, time_s=2.0)), 0)
+    b = Wave((Slice(0, 2, 4, count=2, time_s=2.0), Slice(1, 2, 4, count=2, time_s=2.0)), 0)
+    c = Wave((Slice(2, 0, 2, count=4, time_s=1.0),), 1)
     merged = merge_waves([a, b, c], g, 4)
     assert len(merged) == 2
-    assert merged[0].slices == (SliceSpec(0, 0, 4, 2, 4.0), SliceSpec(1, 0, 4, 2, 4.0))
+    assert merged[0].slices == (Slice(0, 0, 4, count=2, time_s=4.0), Slice(1, 0, 4, count=2, time_s=4.0))
     assert merged[1] == c  # MetaOp 2 needs MetaOp 0, which ends in the wave before
     # different n: no merge
-    d = WaveSpec((SliceSpec(0, 2, 4, 1, 4.0), SliceSpec(1, 2, 4, 2, 2.0)), 0)
+    d = Wave((Slice(0, 2, 4, count=1, time_s=4.0), Slice(1, 2, 4, count=2, time_s=2.0)), 0)
     assert len(merge_waves([a, d], g, 4)) == 2
     # a subset wave merges when the union fits
-    e = WaveSpec((SliceSpec(0, 2, 4, 2, 2.0),), 0)
+    e = Wave((Slice(0, 2, 4, count=2, time_s=2.0),), 0)
     assert len(merge_waves([a, e], g, 4)) == 1
     assert len(merge_waves([a, e], g, 3)) == 2 or merge_waves([a, e], g, 3)[0].devices_used <= 3
 

@@ -4,9 +4,10 @@ import pytest
 
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import contract
+from spindle.costs.memory import parameter_index, pool_sizes
 from spindle.declare.workload import load_workload
-from spindle.plan.contract import Plan, Slice, Wave, plan_metaops
-from spindle.planner.simulator import Links, parameter_groups, simulate
+from spindle.plan.contract import Plan, Slice, Wave
+from spindle.planner.simulator import Links, simulate
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def clip():
 
 
 def _plan(w, g, waves, n):
-    return Plan("hand", w.name, w.fingerprint(), n, 2, "x", plan_metaops(g), tuple(waves))
+    return Plan("hand", w.name, w.fingerprint(), n, 2, "x", tuple(g.metaops), tuple(waves))
 
 
 def test_single_device_has_no_communication(clip):
@@ -41,7 +42,7 @@ def test_transfer_bytes_and_links(clip):
     waves += [Wave((Slice(m.id, 0, m.num_layers, (0,), 1.0),)) for m in rest]
     links = Links(devices_per_node=2, intra_node_bw=100.0, inter_node_bw=10.0)
     r = simulate(_plan(w, g, waves, 4), g, est, links)
-    d = vis.out_elements_per_sample  # 16-d embeddings
+    d = vis.cost.out_elements_per_sample  # 16-d embeddings
     b = vis.batch
     # into the loss on device 0: vision rows from device 1 (intra), text rows from 2 and 3 (inter)
     fwd_intra = b / 2 * d * 2
@@ -59,7 +60,7 @@ def test_parameter_groups_merge_shared_layers(clip):
         devs = (1,) if m.name == "imu-text/text" else (0,)
         waves.append(Wave((Slice(m.id, 0, m.num_layers, devs, 1.0),)))
     p = _plan(w, g, waves, 2)
-    pools = parameter_groups(p, g)
+    pools = pool_sizes(p, parameter_index(g))
     assert (0, 1) in pools  # text layers live on both devices
     r = simulate(p, g, est, Links(2, 100.0, 10.0))
     assert r.sync_s > 0
@@ -84,12 +85,12 @@ def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
         for src, dst, rows, (metaop, layer) in TransmissionSchedule.build(plan).remote_rows():
             m = g.metaops[metaop]
             last = layer == m.num_layers - 1
-            per = m.out_elements_per_sample if last else m.act_elements_per_sample
+            per = m.cost.out_elements_per_sample if last else m.cost.act_elements_per_sample
             runtime.append((src, dst, rows * per))
-        sim = [mv for moves in inter_wave_transfers(plan, g) for mv in moves]
+        sim = [mv for moves in inter_wave_transfers(plan) for mv in moves]
         assert sorted(runtime) == sorted(sim)
-        assert predicted_send_bytes(plan, g, 4) == pytest.approx(8 * sum(e for *_, e in sim))
-        moved += predicted_send_bytes(plan, g, 4)
+        assert predicted_send_bytes(plan, 4) == pytest.approx(8 * sum(e for *_, e in sim))
+        moved += predicted_send_bytes(plan, 4)
     assert moved > 0
 
 
@@ -103,15 +104,16 @@ def _split_plan(w, g):
 
 
 def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
-    from spindle.planner.simulator import device_parameters, optimizer_time
+    from spindle.planner.simulator import device_parameters
 
     w, g, est = clip
     links = Links(2, 100.0, 10.0, optimizer_fixed_s=1e-3, optimizer_per_param_s=1e-8,
                   optimizer_includes_clip=True)
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0,), 1.0),)) for m in g.metaops]
     one = _plan(w, g, waves, 2)  # device 0 holds everything, device 1 nothing
-    held = device_parameters(one, g)
-    assert held[1] == 0 and held[0] == pytest.approx(sum(parameter_groups(one, g).values()))
+    index = parameter_index(g)
+    held = device_parameters(one, index)
+    assert held[1] == 0 and held[0] == pytest.approx(sum(pool_sizes(one, index).values()))
     r = simulate(one, g, est, links)
     assert r.optimizer_s == pytest.approx(1e-3 + 1e-8 * held[0])
     assert r.makespan_s == pytest.approx(r.compute_s + r.send_recv_s + r.sync_s + r.optimizer_s)
@@ -119,11 +121,11 @@ def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
     waves2 = [Wave((Slice(m.id, 0, m.num_layers, (i % 2,), 1.0),))
               for i, m in enumerate(g.metaops)]
     two = _plan(w, g, waves2, 2)
-    assert max(device_parameters(two, g)) < held[0]
-    assert optimizer_time(two, g, links) < r.optimizer_s
+    assert max(device_parameters(two, index)) < held[0]
+    assert simulate(two, g, est, links).optimizer_s < r.optimizer_s
     # without a measured phase the clip all-reduce latency is added (2 devices)
     plain = Links(2, 100.0, 10.0, latency_s=5e-4, optimizer_per_param_s=1e-8)
-    assert optimizer_time(one, g, plain) == pytest.approx(5e-4 + 1e-8 * held[0])
+    assert simulate(one, g, est, plain).optimizer_s == pytest.approx(5e-4 + 1e-8 * held[0])
 
 
 def test_p2p_latency_counts_one_exchange_per_peer_per_boundary_and_direction(clip):
@@ -173,16 +175,16 @@ def test_paper_scale_optimizer_term_stays_small():
 
 
 def test_sync_buckets_cover_every_replicated_parameter_in_launch_order(clip):
-    from spindle.costs.memory import parameter_holders
-    from spindle.planner.simulator import sync_buckets
+    from spindle.plan.layout import parameter_use, sync_buckets
 
     w, g, est = clip
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0, 1), m.num_layers * 0.6),))
              for m in g.metaops]
     plan = _plan(w, g, waves, 2)
     links = Links(2, 100.0, 10.0, grad_bytes=4)
-    buckets = sync_buckets(plan, g, links)
-    pools = {grp: n for grp, n in parameter_holders(plan, g).items() if len(grp) > 1}
+    index = parameter_index(g)
+    buckets = sync_buckets(index, *parameter_use(plan, index), links.grad_bytes)
+    pools = {grp: n for grp, n in pool_sizes(plan, index).items() if len(grp) > 1}
     for grp, n in pools.items():
         assert sum(b.nbytes for b in buckets if b.group == grp) == pytest.approx(4 * n)
     ready = [b.ready_wave for b in buckets]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from spindle.costs.graph import MetaOp
+from spindle.plan.contract import MetaOp
 
 
 @runtime_checkable

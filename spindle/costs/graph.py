@@ -19,21 +19,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from spindle.declare.workload import Task, Workload
+from spindle.declare.workload import LOSS_STAGE, LayerRef, Task, Workload
 from spindle.layers import costmodel
-
-LOSS_KIND = "contrastive"
-
-
-@dataclass(frozen=True)
-class LayerRef:
-    """Which layer an operator runs: ``layer`` of ``component`` inside ``stage`` of ``task``.
-    For a contrastive loss operator, ``component`` is ``""`` and ``stage`` is ``"loss"``."""
-
-    task: str
-    stage: str
-    component: str
-    layer: int
+from spindle.plan.contract import LOSS_KIND, MetaOp, OpCost
 
 
 @dataclass(frozen=True)
@@ -57,70 +45,6 @@ class Operator:
     memory_tokens: int  # cross-attention memory length (decoder), else 0
 
 
-@dataclass(frozen=True)
-class MetaOp:
-    """A chain of ``num_layers`` identical layers on one task's data, with one T_m(n)."""
-
-    id: int
-    name: str
-    task: str
-    kind: str
-    component: str
-    layers: tuple[LayerRef, ...]
-    batch: int
-    tokens: int
-    memory_tokens: int
-    hidden: int
-    heads: int
-    ffn: int
-    deps: tuple[int, ...]
-    level: int
-    out_elements_per_sample: float  # elements handed to each consumer after the last layer
-    extra_flops: float = 0.0  # fwd+bwd FLOPs of the fused light parts (adapters, projection, LM head)
-    extra_params: int = 0  # parameters of those parts
-    shared_by: int = 1  # MetaOps (this one included) that run the same component's parameters
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def is_loss(self) -> bool:
-        return self.kind == LOSS_KIND
-
-    @property
-    def flops_per_layer(self) -> float:
-        """Forward + backward FLOPs of one layer over the whole batch."""
-        if self.is_loss:
-            # similarity matrix and its gradient: 3 * 2 * B * B * d
-            return 6.0 * self.batch * self.batch * self.hidden
-        block = self.batch * costmodel.layer_train_flops(
-            self.kind, self.hidden, self.ffn, self.tokens, self.memory_tokens
-        )
-        # the fused light parts are spread evenly over the chain, so T_m stays one per-layer time
-        return block + self.extra_flops / self.num_layers
-
-    @property
-    def params_per_layer(self) -> int:
-        if self.is_loss:
-            return 1  # the learnable temperature
-        return costmodel.layer_parameters(self.kind, self.hidden, self.ffn)
-
-    @property
-    def act_elements_per_sample(self) -> float:
-        """Elements passed from one layer to the next inside the chain (hidden states, plus the
-        cross-attention memory a decoder carries along)."""
-        return float(self.tokens * self.hidden + self.memory_tokens * self.hidden)
-
-    @property
-    def saved_elements_per_sample_per_layer(self) -> float:
-        if self.is_loss:
-            return 4.0 * self.hidden + 2.0 * self.batch
-        return costmodel.layer_activation_elements(
-            self.kind, self.hidden, self.ffn, self.heads, self.tokens, self.memory_tokens
-        )
-
-
 @dataclass
 class MetaGraph:
     """The contracted graph: MetaOps (ids 0..M-1, topologically ordered) and their levels."""
@@ -135,18 +59,6 @@ class MetaGraph:
         for m in self.metaops:
             out[m.level].append(m)
         return out
-
-    def consumers(self, metaop_id: int) -> list[MetaOp]:
-        return [m for m in self.metaops if metaop_id in m.deps]
-
-    def shared_parameter_groups(self) -> dict[tuple[str, int], list[int]]:
-        """(component, layer) -> MetaOps that run that layer's parameters."""
-        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for m in self.metaops:
-            for ref in m.layers:
-                if ref.component:
-                    groups[(ref.component, ref.layer)].append(m.id)
-        return dict(groups)
 
 
 def build_operator_graph(w: Workload) -> tuple[list[Operator], list[tuple[int, int]]]:
@@ -182,7 +94,7 @@ def _task_operators(
         a, b = task.loss.inputs
         dim = _stage_component(w, task, a).output_dim or 0
         op = Operator(
-            len(ops), LayerRef(task.name, "loss", "", 0), OpType(LOSS_KIND, "", dim, 1, 0),
+            len(ops), LayerRef(task.name, LOSS_STAGE, "", 0), OpType(LOSS_KIND, "", dim, 1, 0),
             task.batch_size, 1, 0,
         )
         ops.append(op)
@@ -240,29 +152,54 @@ def contract(w: Workload) -> MetaGraph:
     for chain in chains:
         users[chain[0].optype.component] += 1
 
-    consumers_of: dict[int, list[int]] = defaultdict(list)
-    for c, ds in enumerate(deps):
-        for d in ds:
-            consumers_of[d].append(c)
-
     metaops: list[MetaOp] = []
     for c, chain in enumerate(chains):
         first = chain[0]
         t = first.optype
-        name = f"{first.ref.task}/{first.ref.stage}"
-        out_elems = _output_elements(w, first.ref, t)
-        extra_flops, extra_params = _light_parts(w, chain) if t.kind != LOSS_KIND else (0.0, 0)
-        metaops.append(
-            MetaOp(
-                id=c, name=name, task=first.ref.task, kind=t.kind, component=t.component,
-                layers=tuple(o.ref for o in chain), batch=first.batch, tokens=first.tokens,
-                memory_tokens=first.memory_tokens, hidden=t.hidden, heads=t.heads, ffn=t.ffn,
-                deps=tuple(sorted(deps[c])), level=level[c], out_elements_per_sample=out_elems,
-                extra_flops=extra_flops, extra_params=extra_params,
-                shared_by=users[t.component] if t.component else 1,
-            )
-        )
+        metaops.append(MetaOp(
+            id=c, name=f"{first.ref.task}/{first.ref.stage}", task=first.ref.task, kind=t.kind,
+            component=t.component, batch=first.batch, level=level[c],
+            deps=tuple(sorted(deps[c])), layers=tuple(o.ref for o in chain),
+            cost=_cost(w, chain, users[t.component] if t.component else 1),
+        ))
     return MetaGraph(w, metaops, ops)
+
+
+def _cost(w: Workload, chain: list[Operator], shared_by: int) -> OpCost:
+    """The cost record of the MetaOp made of ``chain``."""
+    first = chain[0]
+    t = first.optype
+    b, h, s, m = first.batch, t.hidden, first.tokens, first.memory_tokens
+    shape = dict(hidden=h, heads=t.heads, ffn=t.ffn, tokens=s, memory_tokens=m)
+    if t.kind == LOSS_KIND:
+        # similarity matrix and its gradient: 3 * 2 * B * B * d; the learnable temperature
+        return OpCost(**shape, flops_per_layer=6.0 * b * b * h, params_per_layer=1,
+                      extra_params=0, act_elements_per_sample=float(s * h + m * h),
+                      out_elements_per_sample=0.0,
+                      saved_elements_per_sample_per_layer=4.0 * h + 2.0 * b)
+    extra_flops, extra_params = _light_parts(w, chain)
+    block = b * costmodel.layer_train_flops(t.kind, h, t.ffn, s, m)
+    task = w.task(first.ref.task)
+    stage = next(st for st in task.stages if st.name == first.ref.stage)
+    comp = w.components[first.ref.component]
+    features = stage.tokens and comp.input is not None and comp.input.type == "features"
+    lm = task.loss.type == "lm" and task.loss.stage == stage.name
+    return OpCost(
+        **shape,
+        # the fused light parts are spread evenly over the chain: T_m stays one per-layer time
+        flops_per_layer=block + extra_flops / len(chain),
+        params_per_layer=costmodel.layer_parameters(t.kind, h, t.ffn),
+        extra_params=extra_params,
+        act_elements_per_sample=float(s * h + m * h),
+        out_elements_per_sample=_output_elements(w, first.ref, t),
+        saved_elements_per_sample_per_layer=costmodel.layer_activation_elements(
+            t.kind, h, t.ffn, t.heads, s, m),
+        attention_elements_per_sample=2.0 * t.heads * s * (s + m),
+        input_elements_per_sample=float(stage.tokens * int(comp.input.dim or 0))  # type: ignore[union-attr]
+        if features else 0.0,
+        logit_elements_per_sample=float((stage.tokens - 1) * int(comp.vocab or 0)) if lm else 0.0,
+        shared_by=shared_by,
+    )
 
 
 def _output_elements(w: Workload, ref: LayerRef, t: OpType) -> float:

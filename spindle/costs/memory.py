@@ -56,12 +56,21 @@ through it, so the placement's capacity checks and the report agree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
-from spindle.costs.graph import MetaGraph, MetaOp
-from spindle.plan.contract import Plan, Slice, executing_devices
+from spindle.costs.graph import MetaGraph
+from spindle.declare.workload import LayerRef, Workload
+from spindle.layers import costmodel
+from spindle.plan.contract import MetaOp, Plan, Slice
+from spindle.plan.layout import (
+    ParameterIndex,
+    executing_devices,
+    local_rows,
+    parameter_pools,
+    parameter_use,
+)
 
 GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
 LOGIT_BYTES = 4  # cross entropy in fp32 (autocast's fp32 list), also on CPU
@@ -117,33 +126,31 @@ def saved_elements_per_layer(metaop: MetaOp, model: MemoryModel) -> float:
     attention kernel (FlashAttention on GPUs, PyTorch's CPU ``scaled_dot_product_attention``,
     which the runtime calls) keeps only O(s) statistics, so with ``flash_attention`` they are
     left out."""
-    elems = metaop.saved_elements_per_sample_per_layer
+    elems = metaop.cost.saved_elements_per_sample_per_layer
     if model.flash_attention and not metaop.is_loss:
-        elems -= 2.0 * metaop.heads * metaop.tokens * (metaop.tokens + metaop.memory_tokens)
+        elems -= metaop.cost.attention_elements_per_sample
     return elems
 
 
 # --- which parameters an operator uses --------------------------------------------------------
 
 
-def operator_parameters(graph: MetaGraph, metaop: MetaOp, layer: int) -> dict[str, int]:
-    """Logical parameters (name -> element count) that layer ``layer`` of ``metaop`` uses.
+def operator_parameters(w: Workload, ref: LayerRef) -> dict[str, int]:
+    """Logical parameters (name -> element count) that operator ``ref`` uses.
 
     Names follow the runtime (``spindle.runtime.model.parameter_names``), with a block's tensors
     grouped under ``{comp}.blocks.{i}``: the block; at layer 0 the input adapter (when the stage
     reads raw tokens) and one ``{comp}.in_proj.{src}`` per input/memory stage (shared by every
     task feeding ``src`` into ``comp``); at the last layer the final norm, the contrastive
     projection or the LM head; ``loss.{task}.logit_scale`` for a contrastive loss."""
-    ref = metaop.layers[layer]
-    w = graph.workload
-    if metaop.is_loss:
+    if ref.is_loss:
         return {f"loss.{ref.task}.logit_scale": 1}
     task = w.task(ref.task)
     stage = next(s for s in task.stages if s.name == ref.stage)
     c = ref.component
     comp = w.components[c]
     h = comp.hidden
-    out = {f"{c}.blocks.{ref.layer}": metaop.params_per_layer}
+    out = {f"{c}.blocks.{ref.layer}": costmodel.layer_parameters(comp.kind, h, comp.ffn_size)}
     if ref.layer == 0:
         if stage.tokens > 0 and comp.input is not None:
             if comp.input.type == "tokens":
@@ -163,44 +170,9 @@ def operator_parameters(graph: MetaGraph, metaop: MetaOp, layer: int) -> dict[st
     return out
 
 
-def local_rows(metaop: MetaOp, n: int) -> int:
-    """Rows of the batch each executing device of an ``n``-device slice holds."""
-    return metaop.batch if metaop.is_loss else metaop.batch // n
-
-
-class ParameterIndex:
-    """Integer ids and sizes of every logical parameter of a graph, per (MetaOp, layer)."""
-
-    def __init__(self, graph: MetaGraph) -> None:
-        self.graph = graph
-        ids: dict[str, int] = {}
-        sizes: list[int] = []
-        self.layer_ids: list[list[np.ndarray]] = []
-        for m in graph.metaops:
-            per_layer = []
-            for layer in range(m.num_layers):
-                row = []
-                for name, count in operator_parameters(graph, m, layer).items():
-                    if name not in ids:
-                        ids[name] = len(sizes)
-                        sizes.append(count)
-                    row.append(ids[name])
-                per_layer.append(np.asarray(row, dtype=np.int64))
-            self.layer_ids.append(per_layer)
-        self.names = list(ids)
-        self.sizes = np.asarray(sizes, dtype=np.float64)
-        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def slice_ids(self, metaop: int, layer_start: int, layer_end: int) -> np.ndarray:
-        key = (metaop, layer_start, layer_end)
-        got = self._cache.get(key)
-        if got is None:
-            got = np.unique(np.concatenate(self.layer_ids[metaop][layer_start:layer_end]))
-            self._cache[key] = got
-        return got
+def parameter_index(graph: MetaGraph) -> ParameterIndex:
+    """The parameters of every operator of ``graph``, indexed (:class:`ParameterIndex`)."""
+    return ParameterIndex(graph.metaops, lambda ref: operator_parameters(graph.workload, ref))
 
 
 @dataclass(frozen=True)
@@ -213,34 +185,30 @@ class SliceActivation:
 
 
 def slice_activation(
-    graph: MetaGraph, metaop: MetaOp, layer_start: int, layer_end: int, n: int, model: MemoryModel
+    metaops: Sequence[MetaOp], metaop: MetaOp, layer_start: int, layer_end: int, n: int,
+    model: MemoryModel,
 ) -> SliceActivation:
     rows = local_rows(metaop, n)
     ab = model.activation_bytes
     per_layer = saved_elements_per_layer(metaop, model) * rows * ab
     if model.recompute and not metaop.is_loss:
         # only each layer's input stays; backward recomputes one layer's activations at a time
-        saved = metaop.act_elements_per_sample * rows * ab * (layer_end - layer_start)
+        saved = metaop.cost.act_elements_per_sample * rows * ab * (layer_end - layer_start)
         transient = 2 * per_layer
     else:
         saved = per_layer * (layer_end - layer_start)
         transient = per_layer
     if metaop.is_loss:
         return SliceActivation(saved, transient)
-    w = graph.workload
-    task = w.task(metaop.task)
-    ref = metaop.layers[0]
-    stage = next(s for s in task.stages if s.name == ref.stage)
-    comp = w.components[ref.component]
     if layer_start == 0:
         # the first layer also saves its inputs: other stages' outputs (for in_proj) and raw
         # features (for the input projection)
-        inputs = sum(graph.metaops[d].out_elements_per_sample for d in metaop.deps)
-        if stage.tokens and comp.input is not None and comp.input.type == "features":
-            inputs += stage.tokens * int(comp.input.dim or 0)
+        inputs = sum(metaops[d].cost.out_elements_per_sample for d in metaop.deps)
+        if metaop.cost.input_elements_per_sample:
+            inputs += metaop.cost.input_elements_per_sample
         saved += inputs * rows * ab
-    if layer_end == metaop.num_layers and task.loss.type == "lm" and task.loss.stage == stage.name:
-        logits = rows * (stage.tokens - 1) * int(comp.vocab or 0) * LOGIT_BYTES
+    if layer_end == metaop.num_layers and metaop.cost.logit_elements_per_sample:
+        logits = rows * metaop.cost.logit_elements_per_sample * LOGIT_BYTES
         saved += logits  # log-probabilities saved by cross entropy
         transient += logits  # the logits (or their gradient) next to them
     return SliceActivation(saved, transient)
@@ -317,7 +285,7 @@ class MemoryLedger:
 
     def __post_init__(self) -> None:
         if self.index is None:
-            self.index = ParameterIndex(self.graph)
+            self.index = parameter_index(self.graph)
         self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
         self.param_bytes = np.zeros(self.num_devices)
         self.saved = np.zeros(self.num_devices)
@@ -345,7 +313,7 @@ class MemoryLedger:
         held = sizes @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
         n_exec = len(executing_devices(m, tuple(range(n))))
         new_params = (sizes.sum() - held) * self._per_param_bytes(n_exec)
-        act = slice_activation(self.graph, m, l0, l1, n, self.model)
+        act = slice_activation(self.graph.metaops, m, l0, l1, n, self.model)
         return new_params + act.saved + np.maximum(act.transient - self.transient, 0.0)
 
     def add(self, s: Slice) -> None:
@@ -355,7 +323,7 @@ class MemoryLedger:
         ids = self.index.slice_ids(s.metaop, s.layer_start, s.layer_end)
         sizes = self.index.sizes[ids]
         per = self._per_param_bytes(len(devs))
-        act = slice_activation(self.graph, m, s.layer_start, s.layer_end, s.n, self.model)
+        act = slice_activation(self.graph.metaops, m, s.layer_start, s.layer_end, s.n, self.model)
         for d in devs:
             new = ~self.holds[ids, d]
             self.param_bytes[d] += sizes[new].sum() * per
@@ -396,30 +364,9 @@ def memory_report(
     return ledger.report(capacity_bytes)
 
 
-def parameter_use(plan: Plan, graph: MetaGraph, index: ParameterIndex
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """For every parameter id of ``index``: which devices hold it (``[ids, devices]`` booleans;
-    a contrastive-loss slice counts only its executing device) and the earliest wave that uses
-    it (its *ready wave*: its gradient is final after that wave's backward; -1 if unused)."""
-    holds = np.zeros((len(index), plan.num_devices), dtype=bool)
-    ready = np.full(len(index), -1, dtype=np.int64)
-    for wi, wave in enumerate(plan.waves):
-        for s in wave.slices:
-            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
-            ready[ids[ready[ids] < 0]] = wi
-            for d in executing_devices(graph.metaops[s.metaop], s.devices):
-                holds[ids, d] = True
-    return holds, ready
-
-
-def parameter_holders(plan: Plan, graph: MetaGraph, index: ParameterIndex | None = None
-                      ) -> dict[tuple[int, ...], float]:
+def pool_sizes(plan: Plan, index: ParameterIndex) -> dict[tuple[int, ...], float]:
     """Device group -> parameters held by exactly those devices (the runtime's pools D -> {W},
     SPINDLE.md section 8.3).  A contrastive-loss slice counts only its executing device."""
-    index = index or ParameterIndex(graph)
-    holds, _ = parameter_use(plan, graph, index)
-    pools: dict[tuple[int, ...], float] = {}
-    for pid in np.flatnonzero(holds.any(axis=1)):
-        devs = tuple(int(d) for d in np.flatnonzero(holds[pid]))
-        pools[devs] = pools.get(devs, 0.0) + float(index.sizes[pid])
-    return pools
+    holds, _ = parameter_use(plan, index)
+    return {group: float(index.sizes[ids].sum())
+            for group, ids in parameter_pools(holds).items()}

@@ -4,7 +4,7 @@ For one layer of MetaOp m on n data-parallel devices:
 
     T_m(n) = a_k + b_k * c_m(n) + b'_k * w_m / n        for n in range k
 
-with ``w_m`` the layer's forward + backward FLOPs over the whole batch (``op.flops_per_layer``)
+with ``w_m`` the layer's forward + backward FLOPs over the whole batch (``op.cost.flops_per_layer``)
 and ``c_m(n) = 2 (n - 1) / n * params * grad_bytes`` the bytes each device moves in the ring
 all-reduce of the layer's gradients (0 at n = 1).
 
@@ -50,7 +50,6 @@ import numpy as np
 from scipy.optimize import nnls
 
 from spindle.costs.estimator import data_parallel_counts
-from spindle.costs.graph import MetaOp
 from spindle.costs.hardware import HardwareModel, load_hardware
 from spindle.costs.profile import (
     Profile,
@@ -59,6 +58,7 @@ from spindle.costs.profile import (
     load_profile,
     ring_factor,
 )
+from spindle.plan.contract import MetaOp
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,24 @@ MIN_TIME_S = 1e-9
 
 
 def signature(op: MetaOp) -> Signature:
-    return (op.kind, op.hidden, op.heads, op.ffn, op.tokens, op.memory_tokens, op.batch)
+    c = op.cost
+    return (op.kind, c.hidden, c.heads, c.ffn, c.tokens, c.memory_tokens, op.batch)
 
 
 def layer_grad_params(op: MetaOp) -> float:
     """Parameters whose gradients one layer of ``op`` all-reduces: the block's own, plus its
     share of the fused light parts (adapter, projection, LM head) spread evenly over the chain,
-    as ``op.flops_per_layer`` spreads their FLOPs.  A layer shared by several MetaOps (the text
+    as ``op.cost.flops_per_layer`` spreads their FLOPs.  A layer shared by several MetaOps (the text
     encoder of every text task, the LLM of every QWen-VAL task) is all-reduced once per
     iteration, not once per MetaOp, so each MetaOp is charged its 1/shared_by share."""
-    own = op.params_per_layer + getattr(op, "extra_params", 0) / max(op.num_layers, 1)
-    return own / max(getattr(op, "shared_by", 1), 1)
+    own = op.cost.params_per_layer + op.cost.extra_params / max(op.num_layers, 1)
+    return own / max(op.cost.shared_by, 1)
 
 
 def _cache_key(op: MetaOp) -> tuple[Signature, float, float]:
     """Signature plus what the fused light parts add (two MetaOps of one signature can differ
     there, e.g. only one of them carries an LM head)."""
-    return (signature(op), op.flops_per_layer, layer_grad_params(op))
+    return (signature(op), op.cost.flops_per_layer, layer_grad_params(op))
 
 
 def default_uppers(max_n: int, devices_per_node: int | None = None) -> tuple[int, ...]:
@@ -217,7 +218,7 @@ class HardwarePoints:
     hw: HardwareModel
 
     def compute(self, op: MetaOp, n: int) -> float:
-        return self.hw.compute_time(op.flops_per_layer / n)
+        return self.hw.compute_time(op.cost.flops_per_layer / n)
 
     def sync(self, op: MetaOp, n: int) -> float:
         return self.hw.allreduce_time(layer_grad_params(op) * self.hw.grad_bytes, n)
@@ -239,7 +240,7 @@ class ProfilePoints:
     MetaOp whose light parts differ from those of the MetaOp timed for its signature, i.e. whose
     ``flops_per_layer`` differs from the entry's, is scaled by the FLOP ratio.)  A ``block``
     entry (schema 1, 2) timed the bare block of a signature: the measured compute is scaled by
-    ``op.flops_per_layer / block FLOPs`` (the light parts assumed to run at the block's speed).
+    ``op.cost.flops_per_layer / block FLOPs`` (the light parts assumed to run at the block's speed).
     The sync part is the profile's measured all-reduce model applied to the layer's full
     gradient volume (:func:`layer_grad_params`)."""
 
@@ -250,7 +251,7 @@ class ProfilePoints:
     def points(self, op: MetaOp, max_n: int) -> SourcePoints:
         entry = self.profile.entry(signature(op))
         if entry is not None:
-            scale = op.flops_per_layer / entry.flops_per_layer if entry.flops_per_layer > 0 else 1.0
+            scale = op.cost.flops_per_layer / entry.flops_per_layer if entry.flops_per_layer > 0 else 1.0
             if getattr(entry, "measurement", "block") == "chain":
                 if math.isclose(scale, 1.0, rel_tol=1e-9):
                     scale = 1.0  # the measured chain is this MetaOp's: as is
@@ -346,7 +347,7 @@ class FittedEstimator:
         counts = (1,) if op.is_loss else tuple(data_parallel_counts(op.batch, cap))
         top = max(counts[-1], max(p.n for p in sp.points))
         uppers = default_uppers(top, self.devices_per_node)
-        work = op.flops_per_layer
+        work = op.cost.flops_per_layer
         model = PiecewiseAlphaBeta.fit([(p.n, p.total_s) for p in sp.points], work, sync_bytes, uppers)
         sync_pts = [(p.n, p.sync_s) for p in sp.points if p.sync_s > 0]
         if sync_pts:

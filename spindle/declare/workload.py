@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,25 @@ BlockKind = Literal["encoder", "decoder", "llm"]
 """``encoder``: pre-LN bidirectional self-attention + GELU MLP.  ``decoder``: causal
 self-attention + cross-attention to a memory + GELU MLP.  ``llm``: causal self-attention + SwiGLU
 MLP (Qwen/LLaMA style)."""
+
+
+LOSS_STAGE = "loss"
+"""The ``stage`` of a contrastive loss operator (its ``component`` is ``""``)."""
+
+
+@dataclass(frozen=True, order=True)
+class LayerRef:
+    """One operator (SPINDLE's unit of work): layer ``layer`` of ``component`` in ``stage`` of
+    ``task``.  A task's contrastive loss is the operator ``(task, "loss", "", 0)``."""
+
+    task: str
+    stage: str
+    component: str
+    layer: int
+
+    @property
+    def is_loss(self) -> bool:
+        return self.stage == LOSS_STAGE and self.component == ""
 
 
 class WorkloadError(ValueError):

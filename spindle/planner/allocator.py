@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spindle.costs.estimator import Estimator
-from spindle.costs.graph import MetaOp
+from spindle.plan.contract import MetaOp
 
 log = logging.getLogger(__name__)
 

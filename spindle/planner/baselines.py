@@ -1,6 +1,6 @@
 """Baseline planners: the ways MT MM training is planned without wavefront scheduling.
 
-Each returns unplaced waves (:class:`spindle.planner.schedule.WaveSpec`) exactly like Spindle's scheduler,
+Each returns unplaced waves (:class:`spindle.plan.contract.Wave`) exactly like Spindle's scheduler,
 so every planner goes through the same placement, validation and simulation:
 
 * :func:`sequential` (Megatron-LM / DeepSpeed): every MetaOp in turn, in topological order, alone
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spindle.costs.estimator import Estimator
-from spindle.costs.graph import MetaGraph, MetaOp
-from spindle.planner.schedule import SliceSpec, WaveSpec
+from spindle.costs.graph import MetaGraph
+from spindle.plan.contract import MetaOp, Slice, Wave
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _tasks(graph: MetaGraph) -> list[list[MetaOp]]:
     return list(by_task.values())
 
 
-def sequential(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[WaveSpec]:
+def sequential(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wave]:
     """Every MetaOp alone on the largest valid n within N, in topological order."""
     waves = []
     for m in graph.metaops:
@@ -83,7 +83,7 @@ def sequential(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list
         n = _largest_valid(m, estimator, num_devices)
         assert n is not None
         t = estimator.time(m, n)
-        waves.append(WaveSpec((SliceSpec(m.id, 0, m.num_layers, n, m.num_layers * t),), m.level))
+        waves.append(Wave((Slice(m.id, 0, m.num_layers, count=n, time_s=m.num_layers * t),), m.level))
     return waves
 
 
@@ -116,7 +116,7 @@ def _task_time(task: list[MetaOp], estimator: Estimator, share: int) -> float:
     return sum(s.layers * s.per_layer_s for s in _lane(task, estimator, share))
 
 
-def _side_by_side(lanes: list[list[_Step]]) -> list[WaveSpec]:
+def _side_by_side(lanes: list[list[_Step]]) -> list[Wave]:
     """Waves of lanes running side by side: a wave starts wherever a lane changes MetaOp, and a
     layer joins the wave in which it starts on its lane's own timeline."""
     starts: list[list[float]] = []
@@ -144,9 +144,9 @@ def _side_by_side(lanes: list[list[_Step]]) -> list[WaveSpec]:
         for mid, layers in sorted(slots.items()):
             step = info[mid]
             lo, hi = layers[0], layers[-1] + 1
-            slices.append(SliceSpec(mid, lo, hi, step.n, (hi - lo) * step.per_layer_s))
+            slices.append(Slice(mid, lo, hi, count=step.n, time_s=(hi - lo) * step.per_layer_s))
         if slices:
-            waves.append(WaveSpec(tuple(slices), None))
+            waves.append(Wave(tuple(slices), None))
     return waves
 
 
@@ -155,11 +155,11 @@ def _run_rounds(
     estimator: Estimator,
     num_devices: int,
     shares_for: Callable[[list[list[MetaOp]], list[int]], list[int]],
-) -> list[WaveSpec]:
+) -> list[Wave]:
     """Tasks in rounds; ``shares_for(tasks of a round, their minimum shares)`` splits N."""
     tasks = _tasks(graph)
     mins = [max(_min_count(m, estimator, num_devices) for m in t) for t in tasks]
-    waves: list[WaveSpec] = []
+    waves: list[Wave] = []
     for rnd in _rounds(tasks, mins, num_devices):
         ts = [tasks[k] for k in rnd]
         shares = shares_for(ts, [mins[k] for k in rnd])
@@ -169,7 +169,7 @@ def _run_rounds(
     return waves
 
 
-def uniform(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[WaveSpec]:
+def uniform(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wave]:
     """Devices split evenly over the tasks of a round, each task its MetaOps in order."""
 
     def shares(ts: list[list[MetaOp]], mins: list[int]) -> list[int]:
@@ -184,7 +184,7 @@ def uniform(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wa
     return _run_rounds(graph, estimator, num_devices, shares)
 
 
-def optimus(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[WaveSpec]:
+def optimus(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wave]:
     """Task shares by greedy marginal gain; tasks side by side, each its MetaOps in order."""
 
     def shares(ts: list[list[MetaOp]], mins: list[int]) -> list[int]:
@@ -216,10 +216,10 @@ def optimus(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wa
     return _run_rounds(graph, estimator, num_devices, shares)
 
 
-def distmm_mt(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[WaveSpec]:
+def distmm_mt(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wave]:
     """Tasks one after another on all N devices; the MetaOps of one level inside a task split the
     devices in proportion to their work (largest valid n within the proportional share)."""
-    waves: list[WaveSpec] = []
+    waves: list[Wave] = []
     for task in _tasks(graph):
         by_level: dict[int, list[MetaOp]] = defaultdict(list)
         for m in task:
@@ -246,7 +246,7 @@ def _work(op: MetaOp, estimator: Estimator, num_devices: int) -> float:
 
 def _proportional_wave(
     group: list[MetaOp], estimator: Estimator, num_devices: int, level: int
-) -> WaveSpec:
+) -> Wave:
     work = {m.id: _work(m, estimator, num_devices) for m in group}
     total = sum(work.values())
     n: dict[int, int] = {}
@@ -277,7 +277,7 @@ def _proportional_wave(
         free -= c - n[m.id]
         n[m.id] = c
     slices = tuple(
-        SliceSpec(m.id, 0, m.num_layers, n[m.id], m.num_layers * estimator.time(m, n[m.id]))
+        Slice(m.id, 0, m.num_layers, count=n[m.id], time_s=m.num_layers * estimator.time(m, n[m.id]))
         for m in group
     )
-    return WaveSpec(slices, level)
+    return Wave(slices, level)

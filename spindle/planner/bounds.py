@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 
 from spindle.costs.estimator import Estimator
-from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.costs.graph import MetaGraph
+from spindle.plan.contract import MetaOp
 from spindle.planner.allocator import ScalingCurve, allocate_level, scaling_curves
 
 

@@ -22,19 +22,21 @@ from typing import Literal
 
 from spindle.costs.cluster import Cluster, load_cluster
 from spindle.costs.estimator import Estimator
-from spindle.costs.graph import MetaGraph, MetaOp, contract
+from spindle.costs.graph import MetaGraph, contract
 from spindle.costs.hardware import HardwareModel
 from spindle.costs.memory import (
     MemoryModel,
     MemoryReport,
-    ParameterIndex,
     format_gb,
     memory_report,
+    parameter_index,
 )
 from spindle.costs.profile import load_profile
 from spindle.costs.scalability import make_estimator
 from spindle.declare.workload import Workload, load_workload
-from spindle.plan.contract import Plan, plan_metaops, validate_plan
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import MetaOp, Plan
+from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
 from spindle.planner.placement import PlacementError, place, place_naive
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
@@ -164,7 +166,7 @@ def make_context(
     return PlanningContext(
         w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
-        check_memory, ParameterIndex(graph),
+        check_memory, parameter_index(graph),
     )
 
 
@@ -185,9 +187,9 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
         planner=planner, workload=ctx.workload.name,
         workload_fingerprint=ctx.workload.fingerprint(), num_devices=ctx.num_devices,
         devices_per_node=ctx.devices_per_node, hardware=ctx.hardware.name,
-        metaops=plan_metaops(ctx.graph), waves=tuple(placed),
+        metaops=tuple(ctx.graph.metaops), waves=tuple(placed),
     )
-    validate_plan(plan, ctx.graph, source=f"{planner} plan")
+    validate_plan(plan, ctx.graph.metaops, source=f"{planner} plan")
     return plan, elapsed
 
 
@@ -210,7 +212,7 @@ def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
             f" (short by {format_gb(worst.total_bytes - ctx.cluster.memory_bytes)}); it runs"
             f" {names}"
         )
-    sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links)
+    sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links, ctx.parameter_index)
     c_star, lb, lb_compute = ctx.bounds
     plan.estimates.update(
         schedule_s=sim.schedule_s, makespan_s=sim.makespan_s, relaxed_optimum_s=c_star,

@@ -1,6 +1,6 @@
 """Device placement: map each wave's device groups onto concrete devices (SPINDLE.md section 7).
 
-Two placements turn a planner's unplaced waves (:class:`spindle.planner.schedule.WaveSpec`) into
+Two placements turn a planner's unplaced waves (:class:`spindle.plan.contract.Wave`) into
 :class:`spindle.plan.contract.Wave` lists:
 
 * :func:`place_naive` ("sequential placement", the comparison): within a wave, slices take
@@ -53,17 +53,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from spindle.costs.cluster import Cluster
-from spindle.costs.graph import MetaGraph, MetaOp
+from spindle.costs.graph import MetaGraph
 from spindle.costs.memory import (
     GB,
     MemoryLedger,
     MemoryModel,
-    ParameterIndex,
     format_gb,
     memory_report,
+    parameter_index,
 )
-from spindle.plan.contract import Plan, Slice, Wave, executing_devices, plan_metaops
-from spindle.planner.schedule import SliceSpec, WaveSpec
+from spindle.plan.contract import MetaOp, Plan, Slice, Wave
+from spindle.plan.layout import (
+    ParameterIndex,
+    executing_devices,
+    slice_inputs,
+    value_elements,
+)
 from spindle.planner.simulator import Communication, communication, links_for_cluster
 
 log = logging.getLogger(__name__)
@@ -74,7 +79,7 @@ class PlacementError(ValueError):
     shortfall."""
 
 
-def place_naive(waves: list[WaveSpec], num_devices: int) -> list[Wave]:
+def place_naive(waves: list[Wave], num_devices: int) -> list[Wave]:
     """The sequential placement (see the module docstring); it does not look at memory."""
     placed: list[Wave] = []
     last_devices: dict[int, tuple[int, ...]] = {}
@@ -95,10 +100,7 @@ def place_naive(waves: list[WaveSpec], num_devices: int) -> list[Wave]:
             if i not in chosen:
                 chosen[i] = tuple(free[: s.n])
                 del free[: s.n]
-        slices = tuple(
-            Slice(s.metaop, s.layer_start, s.layer_end, chosen[i], s.time_s)
-            for i, s in enumerate(spec.slices)
-        )
+        slices = tuple(s.placed_on(chosen[i]) for i, s in enumerate(spec.slices))
         for s in slices:
             last_devices[s.metaop] = s.devices
         placed.append(Wave(slices=slices, level=spec.level))
@@ -117,7 +119,7 @@ _FREE_S = {LOCALITY: 1e-22, BALANCE: 1e-6}  # per free byte (80 GB -> 1e-11 s / 
 @dataclass
 class _Overflow(Exception):
     wave: int
-    spec: SliceSpec
+    spec: Slice
     device: int
     need: float
     free: float
@@ -136,7 +138,7 @@ class _Pending:
     """A slice of the current wave waiting for its devices, with what devices are worth to it."""
 
     key: tuple[bool, int, float, int]
-    s: SliceSpec
+    s: Slice
     m: MetaOp
     n_exec: int
     srcs: list[_Source]
@@ -172,15 +174,13 @@ class _Placer:
                 self.consumers[d].append(m.id)
 
     # -- inputs of a slice ---------------------------------------------------------------------
-    def sources(self, s: SliceSpec) -> list[_Source]:
-        m = self.graph.metaops[s.metaop]
+    def sources(self, s: Slice) -> list[_Source]:
         ab = self.model.activation_bytes
-        if s.layer_start > 0:
-            return [_Source(self.last[m.id], m.act_elements_per_sample * ab)]
-        return [_Source(self.last[d], self.graph.metaops[d].out_elements_per_sample * ab)
-                for d in m.deps if self.graph.metaops[d].out_elements_per_sample > 0]
+        metaops = self.graph.metaops
+        return [_Source(self.last[v[0]], value_elements(metaops, v) * ab)
+                for v in slice_inputs(metaops, s) if value_elements(metaops, v) > 0]
 
-    def values(self, s: SliceSpec, m: MetaOp, n_exec: int, sources: list[_Source]
+    def values(self, s: Slice, m: MetaOp, n_exec: int, sources: list[_Source]
                ) -> tuple[np.ndarray, np.ndarray]:
         """What placing slice ``s`` on a device / in a node saves, in device-seconds per
         iteration: per device, its input rows it already holds (no transfer) and the slice's
@@ -208,21 +208,21 @@ class _Placer:
             node += (sizes @ in_node) * self.param_node_s * n_exec
         return dev, node
 
-    def partner_bonus(self, m: MetaOp, s: SliceSpec, placed_now: dict[int, tuple[int, ...]]
+    def partner_bonus(self, m: MetaOp, s: Slice, placed_now: dict[int, tuple[int, ...]]
                       ) -> np.ndarray:
         """Node bonus where the other producers of this MetaOp's consumers are (the flows meet
         at the consumer, which can then stay inside one node)."""
         bonus = np.zeros(self.n_nodes)
-        if s.layer_end != m.num_layers or m.out_elements_per_sample <= 0:
+        if s.layer_end != m.num_layers or m.cost.out_elements_per_sample <= 0:
             return bonus
-        mine = m.batch * m.out_elements_per_sample * self.model.activation_bytes
+        mine = m.batch * m.cost.out_elements_per_sample * self.model.activation_bytes
         for c in self.consumers[m.id]:
             for p in self.graph.metaops[c].deps:
                 where = placed_now.get(p) or self.last.get(p)
                 if p == m.id or not where:
                     continue
                 pm = self.graph.metaops[p]
-                theirs = pm.batch * pm.out_elements_per_sample * self.model.activation_bytes
+                theirs = pm.batch * pm.cost.out_elements_per_sample * self.model.activation_bytes
                 w = min(mine, theirs) * self.node_s / len(where)
                 np.add.at(bonus, self.node_of[np.asarray(where)], w)
         return bonus
@@ -302,7 +302,7 @@ class _Placer:
         return out + list(it)  # a loss slice's idle devices last
 
     # -- one wave ------------------------------------------------------------------------------
-    def place_wave(self, wi: int, spec: WaveSpec, mode: int) -> Wave:
+    def place_wave(self, wi: int, spec: Wave, mode: int) -> Wave:
         if spec.devices_used > self.n_dev:
             raise PlacementError(
                 f"wave {wi} uses {spec.devices_used} devices, only {self.n_dev} exist")
@@ -353,19 +353,18 @@ class _Placer:
                 ordered = ordered + [int(d) for d in extra]
             self._commit(chosen, placed_now, free, i, s, tuple(ordered))
         slices = tuple(
-            Slice(s.metaop, s.layer_start, s.layer_end, chosen[i], s.time_s)
-            for i, s in enumerate(spec.slices)
+            s.placed_on(chosen[i]) for i, s in enumerate(spec.slices)
         )
         for sl in slices:
             self.last[sl.metaop] = sl.devices
         return Wave(slices=slices, level=spec.level)
 
     def _commit(self, chosen: dict[int, tuple[int, ...]], placed_now: dict[int, tuple[int, ...]],
-                free: np.ndarray, i: int, s: SliceSpec, devices: tuple[int, ...]) -> None:
+                free: np.ndarray, i: int, s: Slice, devices: tuple[int, ...]) -> None:
         chosen[i] = devices
         placed_now[s.metaop] = devices
         free[list(devices)] = False
-        self.ledger.add(Slice(s.metaop, s.layer_start, s.layer_end, devices, s.time_s))
+        self.ledger.add(s.placed_on(devices))
 
 
 # the heuristic's weightings tried by :func:`place`: (name, weight of parameter co-location)
@@ -384,7 +383,7 @@ class PlacementCandidate:
 
 def place_greedy(
     graph: MetaGraph,
-    waves: list[WaveSpec],
+    waves: list[Wave],
     cluster: Cluster,
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
@@ -394,7 +393,7 @@ def place_greedy(
     """One run of the greedy placement (module docstring), with backtracking on overflow."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
-    index = index or ParameterIndex(graph)
+    index = index or parameter_index(graph)
     _check_alone(graph, waves, model, capacity, index)
     modes = [LOCALITY] * len(waves)
     span = 1
@@ -415,7 +414,7 @@ def place_greedy(
 
 def place_candidates(
     graph: MetaGraph,
-    waves: list[WaveSpec],
+    waves: list[Wave],
     cluster: Cluster,
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
@@ -428,12 +427,11 @@ def place_candidates(
     sync overlapped with backward as the simulator has it)."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
-    index = index or ParameterIndex(graph)
+    index = index or parameter_index(graph)
     links = links_for_cluster(cluster, model.activation_bytes)
 
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
-        plan = Plan(name, graph.workload.name, "", cluster.num_devices, cluster.devices_per_node,
-                    cluster.hardware.name, plan_metaops(graph), tuple(placed))
+        plan = placed_plan(graph, cluster, name, placed)
         return PlacementCandidate(name, placed,
                                   communication(plan, graph, links, wave_compute, index))
 
@@ -448,12 +446,19 @@ def place_candidates(
         out.append(candidate(name, placed))
     naive = place_naive(waves, cluster.num_devices)
     if math.isinf(capacity) or memory_report(
-            Plan("", "", "", cluster.num_devices, cluster.devices_per_node, "",
-                 plan_metaops(graph), tuple(naive)), graph, model, capacity, index).fits():
+            placed_plan(graph, cluster, "sequential", naive), graph, model, capacity,
+            index).fits():
         out.append(candidate("sequential", naive))
     if not out:
         raise errors[0]
     return out
+
+
+def placed_plan(graph: MetaGraph, cluster: Cluster, name: str, waves: Sequence[Wave]) -> Plan:
+    """The plan of ``graph`` on ``cluster`` with the placed ``waves`` (placement ``name``)."""
+    return Plan(name, graph.workload.name, graph.workload.fingerprint(), cluster.num_devices,
+                cluster.devices_per_node, cluster.hardware.name, tuple(graph.metaops),
+                tuple(waves))
 
 
 def best_candidate(candidates: list[PlacementCandidate]) -> PlacementCandidate:
@@ -464,7 +469,7 @@ def best_candidate(candidates: list[PlacementCandidate]) -> PlacementCandidate:
 
 def place(
     graph: MetaGraph,
-    waves: list[WaveSpec],
+    waves: list[Wave],
     cluster: Cluster,
     memory_model: MemoryModel | None = None,
     capacity_bytes: float | None = None,
@@ -484,7 +489,7 @@ def place(
     return best.waves
 
 
-def _check_alone(graph: MetaGraph, waves: list[WaveSpec], model: MemoryModel,
+def _check_alone(graph: MetaGraph, waves: list[Wave], model: MemoryModel,
                  capacity: float, index: ParameterIndex) -> None:
     """A slice that does not fit even on an empty device: no placement can help."""
     index_free = MemoryLedger(graph, model, 1, index)

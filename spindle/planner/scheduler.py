@@ -49,13 +49,13 @@ from typing import Literal
 
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
+from spindle.plan.contract import Slice, Wave, schedule_length
 from spindle.planner.allocator import (
     ScalingCurve,
     bipoint,
     relaxed_optimum,
     scaling_curves,
 )
-from spindle.planner.schedule import SliceSpec, WaveSpec, schedule_length
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def wavefront_schedule(
     estimator: Estimator,
     num_devices: int,
     options: SchedulerOptions | None = None,
-) -> list[WaveSpec]:
+) -> list[Wave]:
     """Spindle's plan for ``graph`` on ``num_devices`` devices, as unplaced waves."""
     opts = options or SchedulerOptions()
     curves = scaling_curves(graph.metaops, estimator, num_devices)
@@ -136,7 +136,7 @@ def wavefront_schedule(
             replace(opts, rebalance_levels=not opts.rebalance_levels, portfolio=False),
             replace(opts, alignment="shortest", rollouts=0, portfolio=False),
         ]
-    best: list[WaveSpec] | None = None
+    best: list[Wave] | None = None
     for v in variants:
         waves = _schedule(graph, curves, num_devices, v)
         if best is None or schedule_length(waves) < schedule_length(best) * (1.0 - 1e-12):
@@ -147,7 +147,7 @@ def wavefront_schedule(
 
 def _schedule(
     graph: MetaGraph, curves: dict[int, ScalingCurve], num_devices: int, opts: SchedulerOptions
-) -> list[WaveSpec]:
+) -> list[Wave]:
     level_of = (
         rebalance_levels(graph, curves, num_devices)
         if opts.rebalance_levels
@@ -162,7 +162,7 @@ def _schedule(
         next_layer={m.id: 0 for m in graph.metaops},
     )
     ctx = _Context(levels, level_of, deps, curves, num_devices, opts)
-    waves: list[WaveSpec] = []
+    waves: list[Wave] = []
     for lv in range(len(levels)):
         ctx.phi.refresh(set(range(lv, len(levels))), prog.remaining)
         while any(prog.remaining[i] > 0 for i in levels[lv]):
@@ -174,7 +174,7 @@ def _schedule(
                 chosen = options[0]
             wave = _slices(chosen[2], prog, curves)
             _commit(wave, prog, len(waves))
-            waves.append(WaveSpec(tuple(wave), lv))
+            waves.append(Wave(tuple(wave), lv))
             ctx.phi.refresh({level_of[s.metaop] for s in wave}, prog.remaining)
     return merge_waves(waves, graph, num_devices, across_levels=opts.fill_across_levels)
 
@@ -233,15 +233,15 @@ def _rollout(
 
 def _slices(
     chosen: dict[int, tuple[int, int]], prog: _Progress, curves: dict[int, ScalingCurve]
-) -> list[SliceSpec]:
+) -> list[Slice]:
     out = []
     for i, (n, nl) in sorted(chosen.items()):
         start = prog.next_layer[i]
-        out.append(SliceSpec(i, start, start + nl, n, nl * curves[i].at(n)))
+        out.append(Slice(i, start, start + nl, count=n, time_s=nl * curves[i].at(n)))
     return out
 
 
-def _commit(wave: list[SliceSpec], prog: _Progress, index: int) -> None:
+def _commit(wave: list[Slice], prog: _Progress, index: int) -> None:
     for s in wave:
         prog.remaining[s.metaop] -= s.num_layers
         prog.next_layer[s.metaop] = s.layer_end
@@ -467,13 +467,13 @@ def rebalance_levels(
 
 
 def merge_waves(
-    waves: list[WaveSpec], graph: MetaGraph, num_devices: int, across_levels: bool = True
-) -> list[WaveSpec]:
+    waves: list[Wave], graph: MetaGraph, num_devices: int, across_levels: bool = True
+) -> list[Wave]:
     """Merge consecutive waves A, B when every MetaOp in both has the same n, the union fits in
     ``num_devices``, and no slice of B starts a MetaOp whose producer ran in A (and, unless
     ``across_levels``, A and B belong to the same level; the merged wave keeps A's level)."""
     deps = {m.id: set(m.deps) for m in graph.metaops}
-    out: list[WaveSpec] = []
+    out: list[Wave] = []
     for w in waves:
         same_level = across_levels or (out and out[-1].level == w.level)
         if out and same_level and _mergeable(out[-1], w, deps, num_devices):
@@ -483,7 +483,7 @@ def merge_waves(
     return out
 
 
-def _mergeable(a: WaveSpec, b: WaveSpec, deps: dict[int, set[int]], num_devices: int) -> bool:
+def _mergeable(a: Wave, b: Wave, deps: dict[int, set[int]], num_devices: int) -> bool:
     na = {s.metaop: s.n for s in a.slices}
     nb = {s.metaop: s.n for s in b.slices}
     if any(na[i] != nb[i] for i in na.keys() & nb.keys()):
@@ -497,14 +497,14 @@ def _mergeable(a: WaveSpec, b: WaveSpec, deps: dict[int, set[int]], num_devices:
     return True
 
 
-def _merged(a: WaveSpec, b: WaveSpec) -> WaveSpec:
+def _merged(a: Wave, b: Wave) -> Wave:
     bs = {s.metaop: s for s in b.slices}
-    slices: list[SliceSpec] = []
+    slices: list[Slice] = []
     for s in a.slices:
         t = bs.pop(s.metaop, None)
         if t is None:
             slices.append(s)
         else:
-            slices.append(SliceSpec(s.metaop, s.layer_start, t.layer_end, s.n, s.time_s + t.time_s))
+            slices.append(Slice(s.metaop, s.layer_start, t.layer_end, count=s.n, time_s=s.time_s + t.time_s))
     slices.extend(bs.values())
-    return WaveSpec(tuple(sorted(slices, key=lambda s: s.metaop)), a.level)
+    return Wave(tuple(sorted(slices, key=lambda s: s.metaop)), a.level)

@@ -41,42 +41,27 @@ import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
-
-import numpy as np
+from typing import Callable, Sequence
 
 from spindle.costs.cluster import Cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
-from spindle.costs.memory import ParameterIndex, parameter_holders, parameter_use
+from spindle.costs.memory import parameter_index, pool_sizes
 from spindle.costs.profile import Profile
-from spindle.plan.contract import (
+from spindle.plan.contract import Plan, Wave
+from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
-    Plan,
-    executing_devices,
-    sync_bucket_runs,
-    transfer_rows,
+    ParameterIndex,
+    parameter_use,
+    pieces,
+    slice_inputs,
+    slice_rows,
+    sync_buckets,
+    value_elements,
 )
 
 log = logging.getLogger(__name__)
-
-
-class _SliceLike(Protocol):
-    metaop: int
-
-    @property
-    def num_layers(self) -> int: ...
-
-    @property
-    def n(self) -> int: ...
-
-
-class WaveLike(Protocol):
-    """A wave before placement (:class:`spindle.planner.schedule.WaveSpec`) or after (a plan's)."""
-
-    @property
-    def slices(self) -> Sequence[_SliceLike]: ...
 
 
 @dataclass(frozen=True)
@@ -235,46 +220,39 @@ class SimulationResult:
         }
 
 
-def inter_wave_transfers(plan: Plan, graph: MetaGraph) -> list[list[tuple[int, int, float]]]:
+def inter_wave_transfers(plan: Plan) -> list[list[tuple[int, int, float]]]:
     """For each wave, the forward transfers into it: ``(src_device, dst_device, elements)`` for
-    every row range that moves between two different devices (into a contrastive loss: to the
-    first device of its group, which runs it on the whole batch)."""
-    last_slice_devices: dict[int, tuple[int, ...]] = {}
+    every row range that moves between two different devices (the runtime's pieces,
+    :func:`spindle.plan.layout.pieces`)."""
+    metaops = plan.metaops
+    producer_rows: dict[int, tuple] = {}  # MetaOp -> rows of its latest slice
     out: list[list[tuple[int, int, float]]] = []
     for wave in plan.waves:
         moves: list[tuple[int, int, float]] = []
         for s in wave.slices:
-            m = graph.metaops[s.metaop]
-            if s.layer_start > 0:
-                sources = [(last_slice_devices[m.id], m.act_elements_per_sample)]
-            else:
-                sources = [
-                    (last_slice_devices[d], graph.metaops[d].out_elements_per_sample)
-                    for d in m.deps
-                ]
-            dst = executing_devices(m, s.devices)
-            for src, per_sample in sources:
-                for sd, dd, r0, r1 in transfer_rows(src, dst, m.batch):
-                    if sd != dd and per_sample > 0:
-                        moves.append((sd, dd, (r1 - r0) * per_sample))
+            m = metaops[s.metaop]
+            dst = slice_rows(m, s.devices)
+            for value in slice_inputs(metaops, s):
+                per_sample = value_elements(metaops, value)
+                if per_sample <= 0:
+                    continue
+                # producer-major, the order the per-device sums were always taken in
+                for p in sorted(pieces(producer_rows[value[0]], dst),
+                                key=lambda p: (p.src_rows.start, p.rows.start)):
+                    if not p.is_local:
+                        moves.append((p.src, p.dst, p.rows.size * per_sample))
         for s in wave.slices:
-            last_slice_devices[s.metaop] = s.devices
+            producer_rows[s.metaop] = slice_rows(metaops[s.metaop], s.devices)
         out.append(moves)
     return out
 
 
-def parameter_groups(plan: Plan, graph: MetaGraph, index: ParameterIndex | None = None
-                     ) -> dict[tuple[int, ...], float]:
-    """Device group -> parameters replicated on exactly those devices (the runtime's pool)."""
-    return parameter_holders(plan, graph, index)
-
-
-def predicted_send_bytes(plan: Plan, graph: MetaGraph, element_bytes: int) -> float:
+def predicted_send_bytes(plan: Plan, element_bytes: int) -> float:
     """Bytes sent between different devices in one iteration, forward activations plus the
     same volume of gradients in backward, with ``element_bytes`` per element (4 for the fp32 CPU
-    runtime).  Local copies (same device) are not counted.  The runtime re-splits rows with
-    :func:`spindle.plan.contract.transfer_rows` too, so its measured bytes sent must equal this."""
-    return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan, graph)
+    runtime).  Local copies (same device) are not counted.  The runtime moves the same pieces,
+    so its measured bytes sent must equal this."""
+    return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan)
                                      for _, _, e in moves)
 
 
@@ -295,7 +273,7 @@ class Communication:
         return self.send_recv_s + self.sync_s
 
 
-def wave_compute_times(waves: Sequence[WaveLike], graph: MetaGraph, estimator: Estimator,
+def wave_compute_times(waves: Sequence[Wave], graph: MetaGraph, estimator: Estimator,
                        links: Links) -> list[float]:
     """Every wave's compute (forward + backward): its slowest slice under the estimator's
     compute time, plus the runtime's per-wave cost."""
@@ -317,7 +295,7 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
     send_recv = latency = 0.0
     exchanges = 0
     total = intra = inter = 0.0
-    for moves in inter_wave_transfers(plan, graph):
+    for moves in inter_wave_transfers(plan):
         if not moves:
             continue
         out_t: dict[int, float] = defaultdict(float)
@@ -357,8 +335,8 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         exchanges += 2 * n_peer
 
     per_device_sync: dict[int, float] = defaultdict(float)
-    index = index or ParameterIndex(graph)
-    for group, nparams in parameter_groups(plan, graph, index).items():
+    index = index or parameter_index(graph)
+    for group, nparams in pool_sizes(plan, index).items():
         t = links.allreduce_s(nparams * links.grad_bytes, group)
         for d in group:
             per_device_sync[d] += t
@@ -367,41 +345,6 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         exposed = overlapped_sync_s(plan, graph, links, wave_compute, index)
         sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
     return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
-
-
-@dataclass(frozen=True)
-class SyncBucket:
-    """Gradients the runtime all-reduces together: ``nbytes`` inside ``group``, final after the
-    backward of wave ``ready_wave``."""
-
-    group: tuple[int, ...]
-    nbytes: float
-    ready_wave: int
-
-
-def sync_buckets(plan: Plan, graph: MetaGraph, links: Links,
-                 index: ParameterIndex | None = None) -> list[SyncBucket]:
-    """The runtime's sync buckets (:mod:`spindle.runtime.param_groups`), in launch order: per
-    pool, the parameters by descending ready wave (the earliest wave using them) and name, cut
-    at ``links.sync_bucket_bytes`` or, past ``links.sync_min_bucket_bytes``, where the ready
-    wave changes; then all buckets by descending ready wave (pools in the runtime's order: by
-    size, then ranks)."""
-    index = index or ParameterIndex(graph)
-    holds, first_wave = parameter_use(plan, graph, index)
-    ready: list[int] = first_wave.tolist()
-    pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for pid in np.flatnonzero(holds.sum(axis=1) > 1).tolist():
-        pools[tuple(int(d) for d in np.flatnonzero(holds[pid]))].append(pid)
-    buckets: list[SyncBucket] = []
-    for group in sorted(pools, key=lambda g: (len(g), g)):
-        ids = sorted(pools[group], key=lambda i: (-ready[i], index.names[i]))
-        nbytes = {i: float(index.sizes[i]) * links.grad_bytes for i in ids}
-        for run in sync_bucket_runs([(i, ready[i], nbytes[i]) for i in ids],
-                                    links.sync_bucket_bytes, links.sync_min_bucket_bytes):
-            buckets.append(SyncBucket(group, sum(nbytes[i] for i in run),
-                                      min(ready[i] for i in run)))
-    buckets.sort(key=lambda b: -b.ready_wave)
-    return buckets
 
 
 def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
@@ -421,7 +364,11 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     backward_end = t
     free: dict[int, float] = defaultdict(float)
     finish = backward_end
-    for b in sync_buckets(plan, graph, links, index):
+    index = index or parameter_index(graph)
+    holds, ready = parameter_use(plan, index)
+    buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
+                           links.sync_min_bucket_bytes)
+    for b in buckets:
         start = max([done_after.get(b.ready_wave, backward_end)] + [free[d] for d in b.group])
         end = start + links.allreduce_s(b.nbytes, b.group)
         for d in b.group:
@@ -430,23 +377,19 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     return finish - backward_end
 
 
-def device_parameters(plan: Plan, graph: MetaGraph) -> list[float]:
+def device_parameters(plan: Plan, index: ParameterIndex) -> list[float]:
     """Parameters each device holds (and steps in its optimizer): the sum of its pools."""
     held = [0.0] * plan.num_devices
-    for group, nparams in parameter_groups(plan, graph).items():
+    for group, nparams in pool_sizes(plan, index).items():
         for d in group:
             held[d] += nparams
     return held
 
 
-def optimizer_time(plan: Plan, graph: MetaGraph, links: Links) -> float:
-    """The optimizer phase of the iteration: the slowest device's clip + AdamW step over the
-    parameters it holds (every rank steps at once; the clip all-reduce waits for the slowest)."""
-    held = device_parameters(plan, graph)
-    return max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0), default=0.0)
-
-
-def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -> SimulationResult:
+def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
+             index: ParameterIndex | None = None) -> SimulationResult:
+    """The simulated iteration of ``plan`` (module docstring)."""
+    index = index or parameter_index(graph)
     schedule = 0.0
     busy = [0.0] * plan.num_devices
     for wave in plan.waves:
@@ -460,13 +403,13 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links) -
         schedule += sched_w
     wave_compute = wave_compute_times(plan.waves, graph, estimator, links)
     compute = sum(wave_compute)
-    comm = communication(plan, graph, links, wave_compute)
-    held = device_parameters(plan, graph)
+    comm = communication(plan, graph, links, wave_compute, index)
+    held = device_parameters(plan, index)
     return SimulationResult(
         schedule_s=schedule, compute_s=compute, send_recv_s=comm.send_recv_s, sync_s=comm.sync_s,
         send_recv_bytes=comm.bytes_total, send_recv_bytes_intra=comm.bytes_intra,
         send_recv_bytes_inter=comm.bytes_inter, wave_compute_s=wave_compute, device_busy_s=busy,
         optimizer_s=max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0),
-                        default=0.0),  # as optimizer_time(plan, graph, links)
+                        default=0.0),
         send_recv_latency_s=comm.latency_s, device_params=held,
     )

@@ -30,11 +30,10 @@ import torch
 
 from spindle.declare.workload import Workload
 from spindle.plan.contract import Plan, Slice
+from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES, RowRange, SliceRef, ValueKey
 from spindle.runtime.data import make_raw
 from spindle.runtime.localise import (
     LocalModel,
-    RowRange,
-    SliceRef,
     localise,
     rows_on,
     slices_of_rank,
@@ -47,8 +46,8 @@ from spindle.runtime.model import (
     parameter_shape,
     run_operator,
 )
-from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES, ParameterGroups
-from spindle.runtime.transmission import TransmissionSchedule, Transmitter, ValueKey
+from spindle.runtime.param_groups import ParameterGroups
+from spindle.runtime.transmission import TransmissionSchedule, Transmitter
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ class TrainingRun:
         clip: float = 1.0,
         timeout_s: float | None = None,
         overlap_sync: bool = True,
-        min_bucket_bytes: int = DEFAULT_MIN_BUCKET_BYTES,
+        min_bucket_bytes: int = SYNC_MIN_BUCKET_BYTES,
     ) -> None:
         self.workload = workload
         self.plan = plan
@@ -274,10 +273,8 @@ class TrainingRun:
         self.local = localise(workload, plan, rank, seed, dtype, device)
         self.overlap_sync = overlap_sync
         self.groups = ParameterGroups(
-            self.local.device_groups, rank, world_size, device, dtype,
-            ready_wave=self.local.ready_wave if overlap_sync else None,
-            param_bytes={n: p.numel() * p.element_size() for n, p in self.local.params.items()},
-            timeout_s=timeout_s, min_bucket_bytes=min_bucket_bytes,
+            plan, self.local.index, rank, world_size, device, dtype, overlap=overlap_sync,
+            min_bucket_bytes=min_bucket_bytes, timeout_s=timeout_s,
         )
         schedule = TransmissionSchedule.build(plan)
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=timeout_s)

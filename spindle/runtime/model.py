@@ -39,15 +39,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from spindle.declare.workload import Component, Stage, Task, Workload
-from spindle.plan.contract import PlanLayer
+from spindle.declare.workload import Component, LayerRef, Stage, Task, Workload
 
 Activation = tuple[torch.Tensor, ...]
 """Batch-first tensors passed between operators: ``(x,)`` or, inside a decoder stage,
 ``(x, memory)``; a contrastive input stage ends with ``(emb,)``."""
 
 LOSS_STAGE = "loss"
-"""``PlanLayer.stage`` of a contrastive loss operator (its ``component`` is ``""``)."""
+"""``LayerRef.stage`` of a contrastive loss operator (its ``component`` is ``""``)."""
 
 LOGIT_SCALE_INIT = math.log(1.0 / 0.07)
 LN_EPS = 1e-5
@@ -55,7 +54,7 @@ RMS_EPS = 1e-6
 
 
 class LayerLike(Protocol):
-    """Anything naming an operator: :class:`spindle.plan.contract.PlanLayer` or
+    """Anything naming an operator: :class:`spindle.plan.contract.LayerRef` or
     :class:`spindle.costs.graph.LayerRef`."""
 
     task: str
@@ -135,15 +134,15 @@ def returns_loss(workload: Workload, ref: LayerLike) -> bool:
     return ref.layer == comp.layers - 1 and is_lm_stage(task, st.name)
 
 
-def all_operators(workload: Workload) -> list[PlanLayer]:
+def all_operators(workload: Workload) -> list[LayerRef]:
     """Every operator of every task in a topological order (tasks, stages, layers, loss)."""
-    ops: list[PlanLayer] = []
+    ops: list[LayerRef] = []
     for task in workload.tasks:
         for st in task.stages:
             for layer in range(workload.components[st.component].layers):
-                ops.append(PlanLayer(task.name, st.name, st.component, layer))
+                ops.append(LayerRef(task.name, st.name, st.component, layer))
         if task.loss.type == "contrastive":
-            ops.append(PlanLayer(task.name, LOSS_STAGE, "", 0))
+            ops.append(LayerRef(task.name, LOSS_STAGE, "", 0))
     return ops
 
 

@@ -12,10 +12,8 @@ contract), so the gradient of the objective is the plain sum of every rank's loc
 rank outside ``D`` never touches ``W`` and contributes zero.
 
 Overlap with backward (SPINDLE.md section 10): a parameter's gradient is final once the backward
-of the earliest wave that uses it has run, on every rank (its *ready wave*, read off the plan by
-:func:`spindle.runtime.localise.parameter_ready_waves`).  A pool's parameters are bucketed in
-descending ready wave (and by name), a bucket ending when it would exceed ``bucket_bytes`` or, once
-it holds ``min_bucket_bytes``, where the ready wave changes (DDP's buckets, in the plan's order).
+of the earliest wave that uses it has run, on every rank (its *ready wave*), and the pools are
+cut into buckets by :func:`spindle.plan.layout.sync_buckets`, the rule the simulator models.
 :meth:`ParameterGroups.launch_ready` is called by every rank after the backward of every wave, in
 the same order, and starts the asynchronous all-reduce of each bucket that became final;
 :meth:`ParameterGroups.finish` waits for them all and copies the sums back.  Every rank of a
@@ -32,164 +30,131 @@ the world.  Clipping then scales by ``max_norm / (norm + 1e-6)`` clamped to 1, e
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from spindle.plan.contract import (
+from spindle.plan.contract import Plan
+from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
-    sync_bucket_runs,
+    ParameterIndex,
+    SyncBucket,
+    parameter_pools,
+    parameter_use,
+    sync_buckets,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_BYTES = SYNC_BUCKET_BYTES  # DDP's bucket_cap_mb
-DEFAULT_MIN_BUCKET_BYTES = SYNC_MIN_BUCKET_BYTES  # DDP's first bucket: sync early in backward
 
+class BucketSum:
+    """One bucket's asynchronous all-reduce (SUM): the gradients flattened into one buffer, the
+    collective started; :meth:`wait` copies the sums back into the gradients."""
 
-@dataclass(frozen=True)
-class SyncBucket:
-    """Gradients all-reduced together: parameters of one pool, final after ``ready_wave``."""
+    def __init__(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        self.grads = grads
+        self.flat = torch.cat([g.reshape(-1) for g in grads])
+        self.nbytes = self.flat.numel() * self.flat.element_size()
+        self.work = dist.all_reduce(self.flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
-    ranks: tuple[int, ...]
-    names: tuple[str, ...]
-    ready_wave: int
-
-
-@dataclass(frozen=True)
-class ParameterPool:
-    """Parameters (sorted logical names) replicated on exactly the ranks ``ranks``."""
-
-    ranks: tuple[int, ...]
-    names: tuple[str, ...]
-
-
-def build_pools(device_groups: Mapping[str, tuple[int, ...]]) -> list[ParameterPool]:
-    """Group parameters by identical device group, in a deterministic order (by the ranks)."""
-    by_group: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for name, ranks in device_groups.items():
-        by_group[tuple(sorted(ranks))].append(name)
-    return [
-        ParameterPool(ranks, tuple(sorted(names)))
-        for ranks, names in sorted(by_group.items(), key=lambda kv: (len(kv[0]), kv[0]))
-    ]
+    def wait(self) -> None:
+        self.work.wait()
+        at = 0
+        for g in self.grads:
+            g.copy_(self.flat[at:at + g.numel()].view_as(g))
+            at += g.numel()
 
 
 class ParameterGroups:
-    """One rank's view of the pools, with a process group for each ``D`` of more than one rank.
+    """One rank's view of the pools and their sync buckets, with a process group for each
+    device group ``D`` of more than one rank.
 
     Constructing it is collective: ``dist.new_group`` is called for every distinct ``D`` with
-    ``|D| > 1`` on every rank, in the same order (the pools' order).
+    ``|D| > 1`` on every rank, in the same order (by size, then ranks).  With ``overlap``, each
+    bucket is launched once the backward of its ready wave has run; without, every gradient counts
+    as final only after the whole backward (every bucket at wave 0).
     """
 
     def __init__(
         self,
-        device_groups: Mapping[str, tuple[int, ...]],
+        plan: Plan,
+        index: ParameterIndex,
         rank: int,
         world_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        ready_wave: Mapping[str, int] | None = None,
-        min_bucket_bytes: int = DEFAULT_MIN_BUCKET_BYTES,
-        param_bytes: Mapping[str, int] | None = None,
+        overlap: bool = True,
+        bucket_bytes: int = SYNC_BUCKET_BYTES,
+        min_bucket_bytes: int = SYNC_MIN_BUCKET_BYTES,
         timeout_s: float | None = None,
     ) -> None:
-        self.device_groups = dict(device_groups)
         self.device = torch.device(device)
         self.dtype = dtype
         self.rank = rank
         self.world_size = world_size
-        self.bucket_bytes = bucket_bytes
-        self.min_bucket_bytes = min_bucket_bytes
-        # without ready waves every gradient is final only at the end (wave 0)
-        self.ready_wave = dict(ready_wave or {})
-        self.pools = build_pools(device_groups)
+        holds, ready = parameter_use(plan, index)
+        if not overlap:
+            ready = np.zeros_like(ready)
+        self.device_groups = {
+            index.names[i]: tuple(int(d) for d in holds[i].nonzero()[0])
+            for i in sorted(range(len(index)), key=lambda i: index.names[i])
+        }
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-        for pool in self.pools:
-            if len(pool.ranks) <= 1:
+        for ranks in sorted(parameter_pools(holds), key=lambda g: (len(g), g)):
+            if len(ranks) <= 1:
                 continue
             # a group of its own for every pool, the world's too: the default group carries the
             # inter-wave P2P traffic, which must not queue behind (or ahead of) a sync
             # (with the run's timeout: a peer that stops answering fails the wait, not hangs it)
-            self._groups[pool.ranks] = dist.new_group(
-                list(pool.ranks),
-                timeout=timedelta(seconds=timeout_s) if timeout_s else None,
+            self._groups[ranks] = dist.new_group(
+                list(ranks), timeout=timedelta(seconds=timeout_s) if timeout_s else None,
             ) if world_size > 1 else None
-        self.local_pools = [p for p in self.pools if rank in p.ranks]
-        self.param_bytes = dict(param_bytes or {})  # sizes for the bucket caps (0 if unknown)
-        self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
+        element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1
+        self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = [
+            (b, tuple(index.names[k] for k in b.keys))
+            for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes,
+                                  min_bucket_bytes)
+            if rank in b.group
+        ]
+        self._pending: list[BucketSum] = []
         self._launched: set[int] = set()
-        self._bytes = 0
-        self.buckets = self._plan_buckets()
-        log.debug("rank %d: %d pools, %d local, %d process groups, %d buckets", rank,
-                  len(self.pools), len(self.local_pools), len(self._groups), len(self.buckets))
-
-    # -- buckets ---------------------------------------------------------------------------------
-    def _plan_buckets(self) -> list[SyncBucket]:
-        """This rank's buckets, in launch order (descending ready wave, then pool order)."""
-        buckets: list[SyncBucket] = []
-        for pool in self.local_pools:
-            if len(pool.ranks) <= 1:
-                continue
-            ready = {n: self.ready_wave.get(n, 0) for n in pool.names}
-            names = sorted(pool.names, key=lambda n: (-ready[n], n))
-            for run in sync_bucket_runs(
-                    [(n, ready[n], float(self.param_bytes.get(n, 0))) for n in names],
-                    self.bucket_bytes, self.min_bucket_bytes):
-                buckets.append(SyncBucket(pool.ranks, tuple(run), min(ready[n] for n in run)))
-        buckets.sort(key=lambda b: -b.ready_wave)  # stable: pool order within a wave
-        return buckets
+        log.debug("rank %d: %d process groups, %d buckets", rank, len(self._groups),
+                  len(self.buckets))
 
     # -- the sync ----------------------------------------------------------------------------
     def launch_ready(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Start the all-reduce of every bucket whose gradients are final once the backward of
         ``wave`` has run (every rank calls this after every wave's backward, in order)."""
-        for i, bucket in enumerate(self.buckets):
+        for i, (bucket, _) in enumerate(self.buckets):
             if i not in self._launched and bucket.ready_wave >= wave:
-                self._launch(i, bucket, params)
+                self._launch(i, params)
 
-    def _launch(
-        self, index: int, bucket: SyncBucket, params: Mapping[str, torch.nn.Parameter]
-    ) -> None:
+    def _launch(self, index: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        bucket, names = self.buckets[index]
         grads: list[torch.Tensor] = []
-        for name in bucket.names:
+        for name in names:
             p = params[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self._bytes += flat.numel() * flat.element_size()
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[bucket.ranks],
-                               async_op=True)
-        self._pending.append((work, flat, grads))
+        self._pending.append(BucketSum(grads, self._groups[bucket.group]))
         self._launched.add(index)
 
     def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:
         """Launch what is left, wait for every bucket and copy the sums into the gradients;
         returns the bytes this rank contributed to all-reduces this iteration."""
-        for i, bucket in enumerate(self.buckets):
+        for i in range(len(self.buckets)):
             if i not in self._launched:
-                self._launch(i, bucket, params)
-        for work, flat, grads in self._pending:
-            work.wait()
-            at = 0
-            for g in grads:
-                g.copy_(flat[at:at + g.numel()].view_as(g))
-                at += g.numel()
-        nbytes = self._bytes
-        self._pending, self._launched, self._bytes = [], set(), 0
+                self._launch(i, params)
+        for pending in self._pending:
+            pending.wait()
+        nbytes = sum(pending.nbytes for pending in self._pending)
+        self._pending, self._launched = [], set()
         return nbytes
-
-    def sync_gradients(self, params: Mapping[str, torch.nn.Parameter]) -> int:
-        """All-reduce (SUM) every local pool's gradients inside its device group at once (no
-        overlap); returns the bytes this rank contributed to all-reduces."""
-        return self.finish(params)
 
     def global_grad_norm(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         """The 2-norm of the whole model's gradient, each parameter counted once."""

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from spindle.declare.workload import Workload
-from spindle.plan.contract import PlanLayer
+from spindle.declare.workload import LayerRef, Workload
 from spindle.runtime.data import make_raw
 from spindle.runtime.model import (
     LOSS_STAGE,
@@ -95,7 +94,7 @@ class ReferenceModel(nn.Module):
             comp = w.components[st.component]
             carry: Activation | torch.Tensor | None = None
             for layer in range(comp.layers):
-                ref = PlanLayer(task, st.name, st.component, layer)
+                ref = LayerRef(task, st.name, st.component, layer)
                 carry = run_operator(
                     w, ref, params, carry if isinstance(carry, tuple) else None,
                     outputs,  # type: ignore[arg-type]  # only Activations are read
@@ -111,7 +110,7 @@ class ReferenceModel(nn.Module):
         for name in t.loss.inputs:
             (emb,) = outputs[name]  # type: ignore[misc]
             full[name] = (gather(emb) if gather is not None else emb,)
-        loss_op = PlanLayer(task, LOSS_STAGE, "", 0)
+        loss_op = LayerRef(task, LOSS_STAGE, "", 0)
         out = run_operator(w, loss_op, params, None, full, None, t.batch_size)
         assert isinstance(out, torch.Tensor)
         return out

@@ -4,14 +4,11 @@ Data moves only at wave boundaries (SPINDLE.md section 8.2).  A *value* is the o
 layer of one MetaOp, ``(metaop, layer)``: an activation tuple (batch-first tensors) split over the
 rows of the slice that produced it.  An :class:`Edge` connects a value to a slice that reads it:
 
-* the next slice of the same MetaOp reads the output of the previous layer (the *carry*);
-* the first slice of a MetaOp reads the last-layer output of each producer MetaOp in its
-  ``deps`` (stage inputs, decoder memory, the two embeddings of a contrastive loss).
-
-For each edge the rows are re-split from the producer's layout to the consumer's (device ``k``
-of a group of ``n`` holds rows ``[k*B/n, (k+1)*B/n)``): every non-empty overlap of a producer
-rank's rows with a consumer rank's rows is a :class:`Piece`.  A piece whose two ends are the same
-rank is a local view (no communication); the others travel as point-to-point messages.
+one edge per value the slice reads (:func:`spindle.plan.layout.slice_inputs`: the carry of its
+MetaOp, or the outputs of its producers).  For each edge the rows are re-split from the
+producer's layout to the consumer's (:func:`spindle.plan.layout.pieces`): a piece whose two ends
+are the same rank is a local view (no communication); the others travel as point-to-point
+messages.
 
 At the boundary *before* wave ``w`` the :class:`Transmitter` moves every piece of every edge into
 ``w`` with one ``dist.batch_isend_irecv`` per boundary: all pieces between two ranks are packed
@@ -38,39 +35,21 @@ import torch
 import torch.distributed as dist
 
 from spindle.plan.contract import Plan
-from spindle.runtime.localise import RowRange, SliceRef, iter_slices, slice_layout
+from spindle.plan.layout import (
+    Piece,
+    SliceRef,
+    ValueKey,
+    iter_slices,
+    pieces,
+    slice_inputs,
+    slice_rows,
+)
 
 log = logging.getLogger(__name__)
 
 Activation = tuple[torch.Tensor, ...]
-ValueKey = tuple[int, int]
-"""``(metaop, layer)``: the output of ``layer`` of ``metaop``, wherever it was computed."""
 
 # --- the schedule: pure bookkeeping from the plan ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows ``rows`` of a value that move from rank ``src`` (holding ``src_rows``) to rank
-    ``dst`` (which needs ``dst_rows``); ``rows`` is their overlap, in batch coordinates."""
-
-    src: int
-    dst: int
-    rows: RowRange
-    src_rows: RowRange
-    dst_rows: RowRange
-
-    @property
-    def is_local(self) -> bool:
-        return self.src == self.dst
-
-    def src_index(self) -> slice:
-        """Where the rows sit in the producer's local tensor."""
-        return slice(self.rows.start - self.src_rows.start, self.rows.end - self.src_rows.start)
-
-    def dst_index(self) -> slice:
-        """Where the rows sit in the consumer's local tensor."""
-        return slice(self.rows.start - self.dst_rows.start, self.rows.end - self.dst_rows.start)
 
 
 @dataclass(frozen=True)
@@ -82,20 +61,6 @@ class Edge:
     producer: SliceRef
     consumer: SliceRef
     pieces: tuple[Piece, ...]  # ordered by (dst, rows.start)
-
-
-def split_rows(
-    producer: Sequence[tuple[int, RowRange]], consumer: Sequence[tuple[int, RowRange]]
-) -> tuple[Piece, ...]:
-    """Every overlap of a producer rank's rows with a consumer rank's rows."""
-    pieces = []
-    for dst, dst_rows in consumer:
-        for src, src_rows in producer:
-            rows = src_rows.overlap(dst_rows)
-            if rows is not None:
-                pieces.append(Piece(src, dst, rows, src_rows, dst_rows))
-    pieces.sort(key=lambda p: (p.dst, p.rows.start))
-    return tuple(pieces)
 
 
 @dataclass
@@ -111,18 +76,14 @@ class TransmissionSchedule:
     @staticmethod
     def build(plan: Plan) -> "TransmissionSchedule":
         producer_of: dict[ValueKey, SliceRef] = {}
-        slices = dict(iter_slices(plan))
+        slices = dict(iter_slices(plan.waves))
         for ref, s in slices.items():
             for layer in range(s.layer_start, s.layer_end):
                 producer_of[(s.metaop, layer)] = ref
         edges: list[Edge] = []
         for ref, s in slices.items():
             metaop = plan.metaops[s.metaop]
-            if s.layer_start > 0:
-                needs = [(s.metaop, s.layer_start - 1)]
-            else:
-                needs = [(d, plan.metaops[d].num_layers - 1) for d in metaop.deps]
-            for value in needs:
+            for value in slice_inputs(plan.metaops, s):
                 src_ref = producer_of[value]
                 src_slice = plan.waves[src_ref.wave].slices[src_ref.index]
                 if plan.metaops[value[0]].batch != metaop.batch:
@@ -130,8 +91,9 @@ class TransmissionSchedule:
                         f"MetaOp {s.metaop} (batch {metaop.batch}) reads MetaOp {value[0]}"
                         f" (batch {plan.metaops[value[0]].batch}): batches must match"
                     )
-                pieces = split_rows(slice_layout(plan, src_slice), slice_layout(plan, s))
-                edges.append(Edge(len(edges), value, src_ref, ref, pieces))
+                moves = pieces(slice_rows(plan.metaops[src_slice.metaop], src_slice.devices),
+                               slice_rows(metaop, s.devices))
+                edges.append(Edge(len(edges), value, src_ref, ref, moves))
         into: dict[int, list[Edge]] = defaultdict(list)
         inputs: dict[SliceRef, list[Edge]] = defaultdict(list)
         for e in edges:

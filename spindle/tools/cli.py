@@ -133,10 +133,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from spindle.plan.contract import Plan
+    from spindle.plan.checks import load_plan
     from spindle.tools.report import gantt
 
-    plan = Plan.load(args.plan)
+    plan = load_plan(args.plan)
     print(f"plan v{plan.version}: {plan.workload} ({plan.workload_fingerprint}), planner"
           f" {plan.planner}, {plan.num_devices} devices, {len(plan.waves)} waves,"
           f" schedule {plan.schedule_s * 1e3:.2f} ms")

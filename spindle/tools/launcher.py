@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
 
 def _make_plan(args: argparse.Namespace) -> Plan:
     if args.plan:
-        return Plan.load(args.plan)
+        return load_plan(args.plan)
     import torch
 
     from spindle.planner.pipeline import make_plan

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from spindle.costs.estimator import data_parallel_counts
-from spindle.costs.graph import MetaOp, contract
+from spindle.costs.graph import contract
 from spindle.costs.profile import (
     CollectiveFit,
     OptimizerFit,
@@ -59,6 +59,7 @@ from spindle.costs.profile import (
 )
 from spindle.costs.scalability import signature
 from spindle.layers import costmodel
+from spindle.plan.contract import MetaOp
 
 if TYPE_CHECKING:
     import torch
@@ -166,8 +167,8 @@ def time_metaop(op: MetaOp, n: int, warmup: int = 2, repeats: int = 5) -> float:
     b = max(op.batch // n, 1)
     gen = torch.Generator().manual_seed(0)
     if op.is_loss:
-        za = torch.randn(b, op.hidden, generator=gen, requires_grad=True)
-        zb = torch.randn(b, op.hidden, generator=gen, requires_grad=True)
+        za = torch.randn(b, op.cost.hidden, generator=gen, requires_grad=True)
+        zb = torch.randn(b, op.cost.hidden, generator=gen, requires_grad=True)
         log_temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         labels = torch.arange(b)
 
@@ -179,13 +180,13 @@ def time_metaop(op: MetaOp, n: int, warmup: int = 2, repeats: int = 5) -> float:
 
         return _time_call(step, warmup, repeats)
 
-    block = build_block(op.kind, op.hidden, op.heads, op.ffn)
-    x = torch.randn(b, op.tokens, op.hidden, generator=gen, requires_grad=True)
+    block = build_block(op.kind, op.cost.hidden, op.cost.heads, op.cost.ffn)
+    x = torch.randn(b, op.cost.tokens, op.cost.hidden, generator=gen, requires_grad=True)
     mem = (
-        torch.randn(b, op.memory_tokens, op.hidden, generator=gen, requires_grad=True)
+        torch.randn(b, op.cost.memory_tokens, op.cost.hidden, generator=gen, requires_grad=True)
         if op.kind == "decoder" else None
     )
-    grad_out = torch.randn(b, op.tokens, op.hidden, generator=gen)
+    grad_out = torch.randn(b, op.cost.tokens, op.cost.hidden, generator=gen)
     params = list(block.parameters())
 
     def step() -> None:
@@ -424,31 +425,25 @@ def _collective_worker(
 
 
 def _time_sync(rank: int, world: int, nbytes: int, repeats: int) -> list[float]:
-    """The runtime's parameter sync (:meth:`spindle.runtime.param_groups.ParameterGroups.
-    sync_gradients`) of ``nbytes`` of float32 gradients in :data:`SYNC_TENSORS` tensors
-    replicated on every process: flatten into a bucket, all-reduce, copy back.  Every process
-    starts it after a barrier."""
+    """The runtime's gradient sync of one bucket (:class:`spindle.runtime.param_groups.
+    BucketSum`: flatten, all-reduce, copy back) of ``nbytes`` of float32 gradients in
+    :data:`SYNC_TENSORS` tensors, on every process; each starts it after a barrier."""
     import torch
     import torch.distributed as dist
 
-    from spindle.runtime.param_groups import ParameterGroups
+    from spindle.runtime.param_groups import BucketSum
 
     numel = max(nbytes // 4, 1)
     sizes = [numel // SYNC_TENSORS + (1 if i < numel % SYNC_TENSORS else 0)
              for i in range(SYNC_TENSORS)]
-    params = {f"g{i}": torch.nn.Parameter(torch.zeros(n)) for i, n in enumerate(sizes) if n}
-    for prm in params.values():
-        prm.grad = torch.zeros_like(prm)
-    everyone = tuple(range(world))
-    groups = ParameterGroups({name: everyone for name in params}, rank, world,
-                             param_bytes={n: 4 * prm.numel() for n, prm in params.items()})
+    grads = [torch.zeros(n) for n in sizes if n]
     for _ in range(2):
-        groups.sync_gradients(params)
+        BucketSum(grads, None).wait()
     times = []
     for _ in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
-        groups.sync_gradients(params)
+        BucketSum(grads, None).wait()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -596,7 +591,7 @@ def optimizer_parameter_sets(
     shapes: list[tuple[int, ...]] = []
     seen: set[tuple[str, int, int, int]] = set()
     for op in ops:
-        key = (op.kind, op.hidden, op.heads, op.ffn)
+        key = (op.kind, op.cost.hidden, op.cost.heads, op.cost.ffn)
         if op.is_loss or key in seen:
             continue
         seen.add(key)
@@ -669,11 +664,11 @@ def machine_description(threads: int) -> dict[str, Any]:
 
 def block_flops(op: MetaOp) -> float:
     """FLOPs (fwd + bwd, whole batch) of what :func:`time_metaop` runs: the bare block, without
-    the light parts ``op.flops_per_layer`` spreads over the chain."""
+    the light parts ``op.cost.flops_per_layer`` spreads over the chain."""
     if op.is_loss:
-        return op.flops_per_layer
+        return op.cost.flops_per_layer
     return op.batch * costmodel.layer_train_flops(
-        op.kind, op.hidden, op.ffn, op.tokens, op.memory_tokens
+        op.kind, op.cost.hidden, op.cost.ffn, op.cost.tokens, op.cost.memory_tokens
     )
 
 
@@ -699,7 +694,7 @@ def estimate_profile_seconds(
 ) -> float:
     """A lower-bound guess of the profiling time: FLOPs at the measured matmul rate (of the
     bare blocks, or with ``chain`` of the MetaOps' whole chains, light parts included)."""
-    flops = (lambda op: op.flops_per_layer * op.num_layers) if chain else block_flops
+    flops = (lambda op: op.cost.flops_per_layer * op.num_layers) if chain else block_flops
     return sum(flops(op) / (1 if op.is_loss else n) for op, n in jobs) \
         * (warmup + repeats) / flops_rate
 
@@ -735,7 +730,7 @@ def profile_metaops(
     groups = _distinct_metaops(ops)
     if chain_w is not None:
         for group in groups.values():
-            if len({o.flops_per_layer for o in group}) > 1:
+            if len({o.cost.flops_per_layer for o in group}) > 1:
                 log.info("MetaOps %s share a signature but not their light parts; timing the"
                          " chain of %s", [o.name for o in group], group[0].name)
     jobs = [
@@ -779,7 +774,7 @@ def profile_metaops(
                     f" with {len(times)}/{len(jobs)} points done"
                 )
             for (op, n), compute in zip(jobs, times):
-                sync = coll.allreduce_time(op.params_per_layer * 4, n)
+                sync = coll.allreduce_time(op.cost.params_per_layer * 4, n)
                 measured[signature(op)].append(ProfilePoint(n, compute, sync))
             jobs_left: list[tuple[MetaOp, int]] = []
         else:
@@ -796,7 +791,7 @@ def profile_metaops(
                 bar.set_postfix_str(f"{op.name} n={n}", refresh=False)
                 compute = (time_metaop(op, n, warmup, repeats) if chain_w is None
                            else time_chain(chain_w, op, n, warmup, repeats))
-                sync = coll.allreduce_time(op.params_per_layer * 4, n)
+                sync = coll.allreduce_time(op.cost.params_per_layer * 4, n)
                 measured[signature(op)].append(ProfilePoint(n, compute, sync))
                 bar.update()
         if plan is not None and runtime_phases is None:
@@ -806,8 +801,8 @@ def profile_metaops(
         torch.set_num_threads(old_threads)
     entries = {
         sig: ProfileEntry(
-            sig, tuple(o.name for o in group), group[0].params_per_layer,
-            block_flops(group[0]) if chain_w is None else group[0].flops_per_layer,
+            sig, tuple(o.name for o in group), group[0].cost.params_per_layer,
+            block_flops(group[0]) if chain_w is None else group[0].cost.flops_per_layer,
             tuple(measured[sig]), "block" if chain_w is None else "chain",
         )
         for sig, group in groups.items()

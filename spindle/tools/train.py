@@ -61,11 +61,12 @@ from tqdm import tqdm  # noqa: E402
 
 from spindle.declare.workload import Workload, WorkloadError, load_workload  # noqa: E402
 from spindle.io import write_atomic  # noqa: E402
+from spindle.plan.checks import load_plan  # noqa: E402
 from spindle.plan.contract import Plan, PlanError  # noqa: E402
+from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
 from spindle.runtime.model import check_supported  # noqa: E402
-from spindle.runtime.param_groups import DEFAULT_MIN_BUCKET_BYTES  # noqa: E402
 
 log = logging.getLogger("spindle.train")
 
@@ -123,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap-sync", action="store_true",
                    help="all-reduce the gradients after the whole backward instead of each"
                         " bucket as soon as the backward waves have made it final")
-    p.add_argument("--min-bucket-bytes", type=int, default=DEFAULT_MIN_BUCKET_BYTES,
+    p.add_argument("--min-bucket-bytes", type=int, default=SYNC_MIN_BUCKET_BYTES,
                    metavar="N",
                    help="a sync bucket ends where the ready wave changes once it holds N bytes"
-                        f" (default {DEFAULT_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)")
+                        f" (default {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="log more")
     return p
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace, env: RankEnv) -> None:
         raise TrainError(f"--steps {args.steps}: must be at least 0")
     if args.min_bucket_bytes < 0:
         raise TrainError(f"--min-bucket-bytes {args.min_bucket_bytes}: must be at least 0")
-    plans = [Plan.load(p) for p in args.plan]
+    plans = [load_plan(p) for p in args.plan]
     for plan, path in zip(plans, args.plan):
         check_plan(plan, workload, env.world_size, path)
     device = choose_device(args.device, env)

@@ -1,0 +1,283 @@
+"""The layout rules of a plan, read alike by the simulator, the memory model and the runtime.
+
+Everything here follows from the plan alone (no torch):
+
+* **Rows.**  A slice of a MetaOp with batch ``B`` on an ordered group of ``n`` devices is data
+  parallel: member ``k`` holds rows ``[k*B/n, (k+1)*B/n)`` (:func:`slice_rows`).  A contrastive
+  loss couples every pair of samples, so it runs on the first device of its group with the
+  whole batch and the others idle (:func:`executing_devices`).
+* **Slice inputs.**  A slice reads the output of the previous layer of its MetaOp when it starts
+  inside the chain, else the last-layer output of every producer MetaOp (:func:`slice_inputs`).
+  A *value* is ``(metaop, layer)``: the output of that layer, wherever it was computed.
+* **Re-splitting.**  Between two slices the rows move from the producer's layout to the
+  consumer's: every non-empty overlap of a producer device's rows with a consumer device's rows
+  is a :class:`Piece` (a local view when both ends are the same device, a message otherwise).
+* **Parameters.**  A :class:`ParameterIndex` numbers the parameter *keys* every operator uses
+  (module paths for the cost models and the runtime alike).  A key's device group is every device
+  that executes an operator using it; its *ready wave* is the earliest wave using it (backward
+  runs the waves in reverse, so its gradient is final after that wave's backward)
+  (:func:`parameter_use`).  Keys with the same group form a pool.
+* **Sync buckets.**  Each pool's keys (pools by size, then devices), by descending ready wave then name, are cut into buckets
+  of at most ``bucket_bytes`` that also end where the ready wave changes once they hold
+  ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by
+  descending ready wave (:func:`sync_buckets`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from spindle.declare.workload import LayerRef
+from spindle.plan.contract import MetaOp, Plan, Slice, Wave
+
+K = TypeVar("K")
+ValueKey = tuple[int, int]
+"""``(metaop, layer)``: the output of ``layer`` of ``metaop``, wherever it was computed."""
+
+SYNC_BUCKET_BYTES = 25 * 1024 * 1024  # DDP's bucket_cap_mb
+SYNC_MIN_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket: the sync starts early in backward
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class RowRange:
+    """Rows ``[start, end)`` of a MetaOp's batch."""
+
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def overlap(self, other: "RowRange") -> "RowRange | None":
+        lo, hi = max(self.start, other.start), min(self.end, other.end)
+        return RowRange(lo, hi) if lo < hi else None
+
+
+def executing_devices(metaop: MetaOp, devices: tuple[int, ...]) -> tuple[int, ...]:
+    """The devices that run a slice of ``metaop`` on group ``devices``: all of them, or for a
+    contrastive loss only the first, with the whole batch."""
+    return devices[:1] if metaop.is_loss else devices
+
+
+def local_rows(metaop: MetaOp, n: int) -> int:
+    """Rows each executing device of an ``n``-device slice of ``metaop`` holds."""
+    return metaop.batch if metaop.is_loss else metaop.batch // n
+
+
+def slice_rows(metaop: MetaOp, devices: tuple[int, ...]) -> tuple[tuple[int, RowRange], ...]:
+    """``(device, rows)`` for every device that executes a slice of ``metaop`` on ``devices``,
+    in group order."""
+    ranks = executing_devices(metaop, devices)
+    per = metaop.batch // len(ranks)
+    return tuple((d, RowRange(k * per, (k + 1) * per)) for k, d in enumerate(ranks))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``rows`` of a value that move from device ``src`` (holding ``src_rows``) to device
+    ``dst`` (which needs ``dst_rows``); ``rows`` is their overlap, in batch coordinates."""
+
+    src: int
+    dst: int
+    rows: RowRange
+    src_rows: RowRange
+    dst_rows: RowRange
+
+    @property
+    def is_local(self) -> bool:
+        return self.src == self.dst
+
+    def src_index(self) -> slice:
+        """Where the rows sit in the producer's local tensor."""
+        return slice(self.rows.start - self.src_rows.start, self.rows.end - self.src_rows.start)
+
+    def dst_index(self) -> slice:
+        """Where the rows sit in the consumer's local tensor."""
+        return slice(self.rows.start - self.dst_rows.start, self.rows.end - self.dst_rows.start)
+
+
+def pieces(
+    producer: Sequence[tuple[int, RowRange]], consumer: Sequence[tuple[int, RowRange]]
+) -> tuple[Piece, ...]:
+    """Every overlap of a producer device's rows with a consumer device's rows, ordered by
+    (consumer device, first row)."""
+    out = []
+    for dst, dst_rows in consumer:
+        for src, src_rows in producer:
+            rows = src_rows.overlap(dst_rows)
+            if rows is not None:
+                out.append(Piece(src, dst, rows, src_rows, dst_rows))
+    out.sort(key=lambda p: (p.dst, p.rows.start))
+    return tuple(out)
+
+
+# --- slices and their inputs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Where a slice sits in the plan: ``plan.waves[wave].slices[index]``."""
+
+    wave: int
+    index: int
+
+
+def iter_slices(waves: Sequence[Wave]) -> Iterator[tuple[SliceRef, Slice]]:
+    for wi, wave in enumerate(waves):
+        for si, s in enumerate(wave.slices):
+            yield SliceRef(wi, si), s
+
+
+def slice_inputs(metaops: Sequence[MetaOp], s: Slice) -> tuple[ValueKey, ...]:
+    """The values slice ``s`` reads: the previous layer's output of its MetaOp when it starts
+    inside the chain, else the last-layer output of each producer MetaOp."""
+    if s.layer_start > 0:
+        return ((s.metaop, s.layer_start - 1),)
+    return tuple((d, metaops[d].num_layers - 1) for d in metaops[s.metaop].deps)
+
+
+def value_elements(metaops: Sequence[MetaOp], value: ValueKey) -> float:
+    """Elements per sample of ``value``: a MetaOp's output after its last layer, else the
+    hidden states (and memory) passed inside the chain."""
+    m = metaops[value[0]]
+    if value[1] == m.num_layers - 1:
+        return m.cost.out_elements_per_sample
+    return m.cost.act_elements_per_sample
+
+
+def slice_layers(metaops: Sequence[MetaOp], s: Slice) -> tuple[LayerRef, ...]:
+    """The operators slice ``s`` runs."""
+    return metaops[s.metaop].layers[s.layer_start:s.layer_end]
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+class ParameterIndex:
+    """Integer ids and sizes (elements) of the parameter keys every operator of ``metaops`` uses,
+    per (MetaOp, layer); ``keys_of(operator)`` names an operator's keys and their sizes."""
+
+    def __init__(self, metaops: Sequence[MetaOp],
+                 keys_of: Callable[[LayerRef], Mapping[str, int]]) -> None:
+        ids: dict[str, int] = {}
+        sizes: list[int] = []
+        self.layer_ids: list[list[np.ndarray]] = []
+        for m in metaops:
+            per_layer = []
+            for ref in m.layers:
+                row = []
+                for name, count in keys_of(ref).items():
+                    if name not in ids:
+                        ids[name] = len(sizes)
+                        sizes.append(count)
+                    row.append(ids[name])
+                per_layer.append(np.asarray(row, dtype=np.int64))
+            self.layer_ids.append(per_layer)
+        self.names = list(ids)
+        self.ids = ids
+        self.sizes = np.asarray(sizes, dtype=np.float64)
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def slice_ids(self, metaop: int, layer_start: int, layer_end: int) -> np.ndarray:
+        key = (metaop, layer_start, layer_end)
+        got = self._cache.get(key)
+        if got is None:
+            got = np.unique(np.concatenate(self.layer_ids[metaop][layer_start:layer_end]))
+            self._cache[key] = got
+        return got
+
+
+def parameter_use(plan: Plan, index: ParameterIndex) -> tuple[np.ndarray, np.ndarray]:
+    """For every key of ``index``: which devices hold it (``[keys, devices]`` booleans; a
+    contrastive-loss slice counts only its executing device) and its ready wave (-1 if unused)."""
+    holds = np.zeros((len(index), plan.num_devices), dtype=bool)
+    ready = np.full(len(index), -1, dtype=np.int64)
+    for ref, s in iter_slices(plan.waves):
+        ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+        ready[ids[ready[ids] < 0]] = ref.wave
+        for d in executing_devices(plan.metaops[s.metaop], s.devices):
+            holds[ids, d] = True
+    return holds, ready
+
+
+def parameter_pools(holds: np.ndarray) -> dict[tuple[int, ...], list[int]]:
+    """Device group -> the keys held by exactly those devices (SPINDLE.md section 8.3's pools
+    D -> {W}), in the order of their first key; keys in id order."""
+    pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for pid in np.flatnonzero(holds.any(axis=1)).tolist():
+        pools[tuple(int(d) for d in np.flatnonzero(holds[pid]))].append(pid)
+    return dict(pools)
+
+
+# --- sync buckets -------------------------------------------------------------------------------
+
+
+def sync_bucket_runs(
+    items: Sequence[tuple[K, int, float]],
+    bucket_bytes: float = SYNC_BUCKET_BYTES,
+    min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
+) -> list[list[K]]:
+    """One pool's keys ``(key, ready_wave, nbytes)`` in launch order cut into buckets: a bucket
+    ends before a key that would take it past ``bucket_bytes``, or, once it holds
+    ``min_bucket_bytes``, before one with another ready wave."""
+    buckets: list[list[K]] = []
+    current: list[K] = []
+    size = 0.0
+    previous = 0
+    for key, wave, nbytes in items:
+        if current and (size + nbytes > bucket_bytes
+                        or (size >= min_bucket_bytes and wave != previous)):
+            buckets.append(current)
+            current, size = [], 0.0
+        current.append(key)
+        size += nbytes
+        previous = wave
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass(frozen=True)
+class SyncBucket:
+    """Gradients all-reduced together inside ``group``: the keys ``keys`` (ids of a
+    :class:`ParameterIndex`), ``nbytes`` in all, final after the backward of ``ready_wave``."""
+
+    group: tuple[int, ...]
+    keys: tuple[int, ...]
+    nbytes: float
+    ready_wave: int
+
+
+def sync_buckets(
+    index: ParameterIndex, holds: np.ndarray, ready: np.ndarray, element_bytes: float,
+    bucket_bytes: float = SYNC_BUCKET_BYTES, min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
+) -> list[SyncBucket]:
+    """Every pool of more than one device cut into buckets (module docstring), in launch order.
+    ``ready`` all 0 means every gradient is final only after the whole backward."""
+    out: list[SyncBucket] = []
+    waves = ready.tolist()
+    pools = parameter_pools(holds)
+    for group in sorted(pools, key=lambda g: (len(g), g)):
+        ids = pools[group]
+        if len(group) < 2:
+            continue
+        ordered = sorted(ids, key=lambda i: (-waves[i], index.names[i]))
+        nbytes = {i: float(index.sizes[i]) * element_bytes for i in ordered}
+        for run in sync_bucket_runs([(i, waves[i], nbytes[i]) for i in ordered],
+                                    bucket_bytes, min_bucket_bytes):
+            out.append(SyncBucket(group, tuple(run), sum(nbytes[i] for i in run),
+                                  min(waves[i] for i in run)))
+    out.sort(key=lambda b: -b.ready_wave)  # stable: pool order within a wave
+    return out
