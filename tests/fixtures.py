@@ -12,11 +12,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import torch
+
 from spindle.costs.estimator import TableEstimator, data_parallel_counts
 from spindle.costs.graph import MetaGraph
 from spindle.declare.workload import LayerRef, Workload, workload_from_dict
 from spindle.layers import costmodel
+from spindle.layers.blocks import Block
 from spindle.plan.contract import MetaOp, OpCost
+
+with torch.device("meta"):
+    _LAYER_PARAMS = sum(p.numel() for p in Block("encoder", 64, 1, 256).parameters())
 
 
 def _synthetic_cost(batch: int) -> OpCost:
@@ -24,7 +30,7 @@ def _synthetic_cost(batch: int) -> OpCost:
     return OpCost(
         hidden=64, heads=1, ffn=256, tokens=16, memory_tokens=0,
         flops_per_layer=batch * costmodel.layer_train_flops("encoder", 64, 256, 16),
-        params_per_layer=costmodel.layer_parameters("encoder", 64, 256), extra_params=0,
+        params_per_layer=_LAYER_PARAMS, extra_params=0,
         act_elements_per_sample=16.0 * 64, out_elements_per_sample=16.0 * 64,
         saved_elements_per_sample_per_layer=costmodel.layer_activation_elements(
             "encoder", 64, 256, 1, 16),
@@ -127,7 +133,7 @@ def synthetic_graph(
             batch=batches[i], level=level[i], deps=tuple(sorted(set(deps[i]))), layers=refs,
             cost=_synthetic_cost(batches[i]),
         ))
-    return MetaGraph(None, metaops, [])  # type: ignore[arg-type]
+    return MetaGraph(None, None, metaops, [])  # type: ignore[arg-type]
 
 
 def alpha_beta_estimator(

@@ -1,10 +1,12 @@
 """Graph contraction: the operator DAG of all tasks, contracted into MetaOps and MetaLevels.
 
-An *operator* is one layer invocation on one task's data (SPINDLE.md section 3).  Every stage of
-every task contributes a chain of operators, one per block of its component; a contrastive loss is
-one more operator reading the two encoder stages.  The light parts (input adapter, concatenation
-of inputs, final norm, pooling, output projection, LM head and LM loss) are fused into the first
-or last block operator of their stage: they cost little and never need their own devices.
+An *operator* is one layer invocation on one task's data (docs/method.md section 3).  Every
+stage of every task contributes a chain of operators, one per layer of its component; a
+contrastive loss is one more operator reading the two stages it compares.  The light parts
+(input adapter, input projections, final norm, pooling, output projection, LM head and LM loss)
+are fused into the first or last operator of their stage: they cost little and never need their
+own devices.  What an operator runs and costs comes from the workload's layer provider
+(:mod:`spindle.layers`); which stages feed which comes from the declaration.
 
 Contraction walks the DAG in topological order and merges operator ``i`` into its successor ``j``
 when ``i`` has out-degree 1, ``j`` has in-degree 1, and both have the same operator type and the
@@ -16,33 +18,31 @@ one level never depend on each other.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from spindle.declare.workload import LOSS_STAGE, LayerRef, Task, Workload
-from spindle.layers import costmodel
-from spindle.plan.contract import LOSS_KIND, MetaOp, OpCost
-
-
-@dataclass(frozen=True)
-class OpType:
-    """What makes two operators mergeable (together with their input shape)."""
-
-    kind: str
-    component: str
-    hidden: int
-    heads: int
-    ffn: int
+from spindle.declare.workload import LayerRef, Workload
+from spindle.layers import provider_for
+from spindle.layers.provider import LayerProvider, OperatorCost, parameter_index
+from spindle.plan.contract import MetaOp, OpCost
+from spindle.plan.layout import ParameterIndex
 
 
 @dataclass(frozen=True)
 class Operator:
     id: int
     ref: LayerRef
-    optype: OpType
     batch: int
-    tokens: int  # sequence length per sample entering the layer
-    memory_tokens: int  # cross-attention memory length (decoder), else 0
+    cost: OperatorCost
+
+    @property
+    def merge_key(self) -> tuple[object, ...]:
+        """What makes two operators mergeable: the component, the operator type and the input
+        shape."""
+        c = self.cost
+        return (self.ref.component, c.kind, c.hidden, c.heads, c.ffn, self.batch, c.tokens,
+                c.memory_tokens)
 
 
 @dataclass
@@ -50,6 +50,7 @@ class MetaGraph:
     """The contracted graph: MetaOps (ids 0..M-1, topologically ordered) and their levels."""
 
     workload: Workload
+    provider: LayerProvider
     metaops: list[MetaOp]
     operators: list[Operator] = field(repr=False)
 
@@ -60,58 +61,39 @@ class MetaGraph:
             out[m.level].append(m)
         return out
 
+    @functools.cached_property
+    def parameter_index(self) -> ParameterIndex:
+        """The modules every operator runs, by module path (shared with the runtime)."""
+        return parameter_index(self.provider, self.metaops)
 
-def build_operator_graph(w: Workload) -> tuple[list[Operator], list[tuple[int, int]]]:
+
+def build_operator_graph(
+    w: Workload, provider: LayerProvider
+) -> tuple[list[Operator], list[tuple[int, int]]]:
     """All operators of all tasks, in a topological order, and the edges between them."""
     ops: list[Operator] = []
     edges: list[tuple[int, int]] = []
-    for task in w.tasks:
-        _task_operators(w, task, ops, edges)
+    last_op: dict[tuple[str, str], int] = {}  # (task, stage) -> its last operator
+    for ref in provider.operators():
+        task = w.task(ref.task)
+        op = Operator(len(ops), ref, task.batch_size, provider.operator_cost(ref, task.batch_size))
+        if ref.is_loss:
+            prev = [last_op[(ref.task, s)] for s in task.loss.inputs]
+        elif ref.layer == 0:
+            st = next(s for s in task.stages if s.name == ref.stage)
+            prev = [last_op[(ref.task, s)] for s in st.sources]
+        else:
+            prev = [last_op[(ref.task, ref.stage)]]
+        ops.append(op)
+        edges.extend((p, op.id) for p in prev)
+        last_op[(ref.task, ref.stage)] = op.id
     return ops, edges
 
 
-def _task_operators(
-    w: Workload, task: Task, ops: list[Operator], edges: list[tuple[int, int]]
-) -> None:
-    seq = w.stage_tokens(task)
-    out_tok = w.stage_output_tokens(task)
-    last_op: dict[str, int] = {}
-    for st in task.stages:
-        comp = w.components[st.component]
-        optype = OpType(comp.kind, st.component, comp.hidden, comp.heads, comp.ffn_size)
-        mem = out_tok[st.memory] if st.memory else 0
-        prev: list[int] = [last_op[r] for r in (*st.inputs, *([st.memory] if st.memory else []))]
-        for layer in range(comp.layers):
-            op = Operator(
-                len(ops), LayerRef(task.name, st.name, st.component, layer), optype,
-                task.batch_size, seq[st.name], mem,
-            )
-            ops.append(op)
-            edges.extend((p, op.id) for p in prev)
-            prev = [op.id]
-        last_op[st.name] = prev[0]
-    if task.loss.type == "contrastive":
-        a, b = task.loss.inputs
-        dim = _stage_component(w, task, a).output_dim or 0
-        op = Operator(
-            len(ops), LayerRef(task.name, LOSS_STAGE, "", 0), OpType(LOSS_KIND, "", dim, 1, 0),
-            task.batch_size, 1, 0,
-        )
-        ops.append(op)
-        edges.append((last_op[a], op.id))
-        edges.append((last_op[b], op.id))
-
-
-def _stage_component(w: Workload, task: Task, stage: str):
-    for st in task.stages:
-        if st.name == stage:
-            return w.components[st.component]
-    raise KeyError(stage)
-
-
-def contract(w: Workload) -> MetaGraph:
+def contract(w: Workload, provider: LayerProvider | None = None) -> MetaGraph:
     """Contract the operator graph of ``w`` into MetaOps and assign MetaLevels."""
-    ops, edges = build_operator_graph(w)
+    provider = provider or provider_for(w)
+    ops, edges = build_operator_graph(w, provider)
     succ: dict[int, list[int]] = defaultdict(list)
     pred: dict[int, list[int]] = defaultdict(list)
     for a, b in edges:
@@ -119,12 +101,7 @@ def contract(w: Workload) -> MetaGraph:
         pred[b].append(a)
 
     def mergeable(i: Operator, j: Operator) -> bool:
-        return (
-            len(succ[i.id]) == 1
-            and len(pred[j.id]) == 1
-            and i.optype == j.optype
-            and (i.batch, i.tokens, i.memory_tokens) == (j.batch, j.tokens, j.memory_tokens)
-        )
+        return len(succ[i.id]) == 1 and len(pred[j.id]) == 1 and i.merge_key == j.merge_key
 
     # ops are already topologically ordered (stages in declaration order, layers in order)
     chain_of: dict[int, int] = {}
@@ -150,100 +127,40 @@ def contract(w: Workload) -> MetaGraph:
 
     users: dict[str, int] = defaultdict(int)
     for chain in chains:
-        users[chain[0].optype.component] += 1
+        users[chain[0].ref.component] += 1
 
     metaops: list[MetaOp] = []
     for c, chain in enumerate(chains):
         first = chain[0]
-        t = first.optype
+        component = first.ref.component
         metaops.append(MetaOp(
-            id=c, name=f"{first.ref.task}/{first.ref.stage}", task=first.ref.task, kind=t.kind,
-            component=t.component, batch=first.batch, level=level[c],
+            id=c, name=f"{first.ref.task}/{first.ref.stage}", task=first.ref.task,
+            kind=first.cost.kind, component=component, batch=first.batch, level=level[c],
             deps=tuple(sorted(deps[c])), layers=tuple(o.ref for o in chain),
-            cost=_cost(w, chain, users[t.component] if t.component else 1),
+            cost=_cost(provider, chain, users[component] if component else 1),
         ))
-    return MetaGraph(w, metaops, ops)
+    return MetaGraph(w, provider, metaops, ops)
 
 
-def _cost(w: Workload, chain: list[Operator], shared_by: int) -> OpCost:
-    """The cost record of the MetaOp made of ``chain``."""
-    first = chain[0]
-    t = first.optype
-    b, h, s, m = first.batch, t.hidden, first.tokens, first.memory_tokens
-    shape = dict(hidden=h, heads=t.heads, ffn=t.ffn, tokens=s, memory_tokens=m)
-    if t.kind == LOSS_KIND:
-        # similarity matrix and its gradient: 3 * 2 * B * B * d; the learnable temperature
-        return OpCost(**shape, flops_per_layer=6.0 * b * b * h, params_per_layer=1,
-                      extra_params=0, act_elements_per_sample=float(s * h + m * h),
-                      out_elements_per_sample=0.0,
-                      saved_elements_per_sample_per_layer=4.0 * h + 2.0 * b)
-    extra_flops, extra_params = _light_parts(w, chain)
-    block = b * costmodel.layer_train_flops(t.kind, h, t.ffn, s, m)
-    task = w.task(first.ref.task)
-    stage = next(st for st in task.stages if st.name == first.ref.stage)
-    comp = w.components[first.ref.component]
-    features = stage.tokens and comp.input is not None and comp.input.type == "features"
-    lm = task.loss.type == "lm" and task.loss.stage == stage.name
-    return OpCost(
-        **shape,
-        # the fused light parts are spread evenly over the chain: T_m stays one per-layer time
-        flops_per_layer=block + extra_flops / len(chain),
-        params_per_layer=costmodel.layer_parameters(t.kind, h, t.ffn),
-        extra_params=extra_params,
-        act_elements_per_sample=float(s * h + m * h),
-        out_elements_per_sample=_output_elements(w, first.ref, t),
-        saved_elements_per_sample_per_layer=costmodel.layer_activation_elements(
-            t.kind, h, t.ffn, t.heads, s, m),
-        attention_elements_per_sample=2.0 * t.heads * s * (s + m),
-        input_elements_per_sample=float(stage.tokens * int(comp.input.dim or 0))  # type: ignore[union-attr]
-        if features else 0.0,
-        logit_elements_per_sample=float((stage.tokens - 1) * int(comp.vocab or 0)) if lm else 0.0,
-        shared_by=shared_by,
-    )
-
-
-def _output_elements(w: Workload, ref: LayerRef, t: OpType) -> float:
-    """Per-sample elements a stage hands to its consumers: the pooled projected embedding for a
-    contrastive loss, else the hidden states of its output tokens.  A loss hands nothing."""
-    if t.kind == LOSS_KIND:
-        return 0.0
-    task = w.task(ref.task)
-    if task.loss.type == "contrastive" and ref.stage in task.loss.inputs:
-        comp = w.components[ref.component]
-        return float(comp.output_dim or 0)
-    if task.loss.type == "lm" and ref.stage == task.loss.stage:
-        return 0.0
-    return float(w.stage_output_tokens(task)[ref.stage] * t.hidden)
-
-
-def _light_parts(w: Workload, chain: list[Operator]) -> tuple[float, int]:
-    """FLOPs (fwd+bwd, whole batch) and parameters of the light parts fused into a chain: the
-    input adapter and input projections at a stage's first layer; final norm, output projection
-    and LM head at its last layer."""
-    flops, params = 0.0, 0
+def _cost(provider: LayerProvider, chain: list[Operator], shared_by: int) -> OpCost:
+    """The cost record of the MetaOp made of ``chain``: the first operator's shape, the light
+    parts' FLOPs spread evenly over the chain (so that T_m stays one per-layer time), and the
+    parameters of the modules the operators run (the layer's own, the light parts')."""
+    first, last = chain[0].cost, chain[-1].cost
+    light_flops = 0.0
+    layer_params = extra_params = 0
     for op in chain:
-        ref = op.ref
-        task = w.task(ref.task)
-        comp = w.components[ref.component]
-        stage = next(s for s in task.stages if s.name == ref.stage)
-        b, h = op.batch, comp.hidden
-        if ref.layer == 0:
-            if stage.tokens and comp.input is not None and comp.input.type == "features":
-                flops += 6.0 * b * stage.tokens * comp.input.dim * h  # type: ignore[operator]
-                params += comp.input.dim * h + h  # type: ignore[operator]
-            elif stage.tokens and comp.input is not None:
-                params += comp.input.vocab * h  # type: ignore[operator]
-            out_tok = w.stage_output_tokens(task)
-            for src in (*stage.inputs, *([stage.memory] if stage.memory else [])):
-                src_comp = w.components[next(s for s in task.stages if s.name == src).component]
-                flops += 6.0 * b * out_tok[src] * src_comp.hidden * h
-                params += src_comp.hidden * h + h
-        if ref.layer == comp.layers - 1:
-            params += 2 * h
-            if task.loss.type == "contrastive" and ref.stage in task.loss.inputs:
-                flops += 6.0 * b * h * (comp.output_dim or 0)
-                params += h * (comp.output_dim or 0)
-            if task.loss.type == "lm" and ref.stage == task.loss.stage:
-                flops += 6.0 * b * stage.tokens * h * (comp.vocab or 0)
-                params += h * (comp.vocab or 0)
-    return flops, params
+        light_flops += op.cost.light_flops
+        sizes = list(provider.module_sizes(op.ref).values())
+        layer_params, extra_params = sizes[0], extra_params + sum(sizes[1:])
+    return OpCost(
+        hidden=first.hidden, heads=first.heads, ffn=first.ffn, tokens=first.tokens,
+        memory_tokens=first.memory_tokens,
+        flops_per_layer=first.layer_flops + light_flops / len(chain),
+        params_per_layer=layer_params, extra_params=extra_params,
+        act_elements_per_sample=first.carry_elements, out_elements_per_sample=last.out_elements,
+        saved_elements_per_sample_per_layer=first.saved_elements,
+        attention_elements_per_sample=first.attention_elements,
+        input_elements_per_sample=first.input_elements,
+        logit_elements_per_sample=last.logit_elements, shared_by=shared_by,
+    )

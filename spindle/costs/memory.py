@@ -61,8 +61,6 @@ from typing import Literal, Sequence
 import numpy as np
 
 from spindle.costs.graph import MetaGraph
-from spindle.declare.workload import LayerRef, Workload
-from spindle.layers import costmodel
 from spindle.plan.contract import MetaOp, Plan, Slice
 from spindle.plan.layout import (
     ParameterIndex,
@@ -133,46 +131,6 @@ def saved_elements_per_layer(metaop: MetaOp, model: MemoryModel) -> float:
 
 
 # --- which parameters an operator uses --------------------------------------------------------
-
-
-def operator_parameters(w: Workload, ref: LayerRef) -> dict[str, int]:
-    """Logical parameters (name -> element count) that operator ``ref`` uses.
-
-    Names follow the runtime (``spindle.runtime.model.parameter_names``), with a block's tensors
-    grouped under ``{comp}.blocks.{i}``: the block; at layer 0 the input adapter (when the stage
-    reads raw tokens) and one ``{comp}.in_proj.{src}`` per input/memory stage (shared by every
-    task feeding ``src`` into ``comp``); at the last layer the final norm, the contrastive
-    projection or the LM head; ``loss.{task}.logit_scale`` for a contrastive loss."""
-    if ref.is_loss:
-        return {f"loss.{ref.task}.logit_scale": 1}
-    task = w.task(ref.task)
-    stage = next(s for s in task.stages if s.name == ref.stage)
-    c = ref.component
-    comp = w.components[c]
-    h = comp.hidden
-    out = {f"{c}.blocks.{ref.layer}": costmodel.layer_parameters(comp.kind, h, comp.ffn_size)}
-    if ref.layer == 0:
-        if stage.tokens > 0 and comp.input is not None:
-            if comp.input.type == "tokens":
-                out[f"{c}.input"] = int(comp.input.vocab or 0) * h
-            else:
-                out[f"{c}.input"] = int(comp.input.dim or 0) * h + h
-        comp_of = {s.name: s.component for s in task.stages}
-        for src in (*stage.inputs, *([stage.memory] if stage.memory else [])):
-            src_comp = comp_of[src]
-            out[f"{c}.in_proj.{src_comp}"] = w.components[src_comp].hidden * h + h
-    if ref.layer == comp.layers - 1:
-        out[f"{c}.norm"] = h if comp.kind == "llm" else 2 * h  # RMSNorm: gain only
-        if task.loss.type == "contrastive" and ref.stage in task.loss.inputs:
-            out[f"{c}.proj"] = h * int(comp.output_dim or 0)
-        if task.loss.type == "lm" and ref.stage == task.loss.stage:
-            out[f"{c}.head"] = h * int(comp.vocab or 0)
-    return out
-
-
-def parameter_index(graph: MetaGraph) -> ParameterIndex:
-    """The parameters of every operator of ``graph``, indexed (:class:`ParameterIndex`)."""
-    return ParameterIndex(graph.metaops, lambda ref: operator_parameters(graph.workload, ref))
 
 
 @dataclass(frozen=True)
@@ -285,7 +243,7 @@ class MemoryLedger:
 
     def __post_init__(self) -> None:
         if self.index is None:
-            self.index = parameter_index(self.graph)
+            self.index = self.graph.parameter_index
         self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
         self.param_bytes = np.zeros(self.num_devices)
         self.saved = np.zeros(self.num_devices)

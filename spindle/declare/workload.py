@@ -115,6 +115,11 @@ class Stage(_Strict):
     memory: str | None = Field(default=None, description="stage a decoder cross-attends to")
     pool_to: int | None = Field(default=None, gt=0, description="average-pool output tokens")
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The earlier stages this stage reads: its ``inputs``, then its ``memory``."""
+        return (*self.inputs, *([self.memory] if self.memory else []))
+
 
 class Loss(_Strict):
     type: Literal["contrastive", "lm"]
@@ -171,13 +176,6 @@ class Workload(_Strict):
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def num_parameters(self) -> int:
-        from spindle.layers.costmodel import (
-            component_parameters,  # local: avoid a cycle
-        )
-
-        return sum(component_parameters(c) for c in self.components.values())
-
 
 def _check_tasks(w: Workload) -> None:
     names = set()
@@ -196,7 +194,7 @@ def _check_tasks(w: Workload) -> None:
                     f"{where}, stage '{st.name}': unknown component '{st.component}'"
                     f" (known: {', '.join(sorted(w.components))})"
                 )
-            for ref in (*st.inputs, *([st.memory] if st.memory else [])):
+            for ref in st.sources:
                 if ref == st.name:
                     raise ValueError(f"{where}, stage '{st.name}': cycle (stage reads itself)")
                 if ref not in seen:
@@ -239,7 +237,7 @@ def _check_tasks(w: Workload) -> None:
                 )
             if st.tokens < 2:
                 raise ValueError(f"{where}: lm loss stage '{st.name}' needs at least 2 tokens")
-        consumed = {r for s in task.stages for r in (*s.inputs, *([s.memory] if s.memory else []))}
+        consumed = {r for s in task.stages for r in s.sources}
         consumed |= set(loss.inputs) | ({loss.stage} if loss.stage else set())
         for st in task.stages:
             if st.name not in consumed:

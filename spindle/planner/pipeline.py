@@ -29,7 +29,6 @@ from spindle.costs.memory import (
     MemoryReport,
     format_gb,
     memory_report,
-    parameter_index,
 )
 from spindle.costs.profile import load_profile
 from spindle.costs.scalability import make_estimator
@@ -166,7 +165,7 @@ def make_context(
     return PlanningContext(
         w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
-        check_memory, parameter_index(graph),
+        check_memory, graph.parameter_index,
     )
 
 

@@ -60,7 +60,6 @@ from spindle.costs.memory import (
     MemoryModel,
     format_gb,
     memory_report,
-    parameter_index,
 )
 from spindle.plan.contract import MetaOp, Plan, Slice, Wave
 from spindle.plan.layout import (
@@ -393,7 +392,7 @@ def place_greedy(
     """One run of the greedy placement (module docstring), with backtracking on overflow."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
-    index = index or parameter_index(graph)
+    index = index or graph.parameter_index
     _check_alone(graph, waves, model, capacity, index)
     modes = [LOCALITY] * len(waves)
     span = 1
@@ -427,7 +426,7 @@ def place_candidates(
     sync overlapped with backward as the simulator has it)."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
-    index = index or parameter_index(graph)
+    index = index or graph.parameter_index
     links = links_for_cluster(cluster, model.activation_bytes)
 
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 from spindle.costs.cluster import Cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
-from spindle.costs.memory import parameter_index, pool_sizes
+from spindle.costs.memory import pool_sizes
 from spindle.costs.profile import Profile
 from spindle.plan.contract import Plan, Wave
 from spindle.plan.layout import (
@@ -335,7 +335,7 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         exchanges += 2 * n_peer
 
     per_device_sync: dict[int, float] = defaultdict(float)
-    index = index or parameter_index(graph)
+    index = index or graph.parameter_index
     for group, nparams in pool_sizes(plan, index).items():
         t = links.allreduce_s(nparams * links.grad_bytes, group)
         for d in group:
@@ -364,7 +364,7 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     backward_end = t
     free: dict[int, float] = defaultdict(float)
     finish = backward_end
-    index = index or parameter_index(graph)
+    index = index or graph.parameter_index
     holds, ready = parameter_use(plan, index)
     buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
                            links.sync_min_bucket_bytes)
@@ -389,7 +389,7 @@ def device_parameters(plan: Plan, index: ParameterIndex) -> list[float]:
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
              index: ParameterIndex | None = None) -> SimulationResult:
     """The simulated iteration of ``plan`` (module docstring)."""
-    index = index or parameter_index(graph)
+    index = index or graph.parameter_index
     schedule = 0.0
     busy = [0.0] * plan.num_devices
     for wave in plan.waves:

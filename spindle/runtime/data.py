@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from spindle.declare.workload import Workload
-from spindle.runtime.model import RuntimeModelError, find_stage, keyed_generator
+from spindle.layers.provider import LayerError, keyed_generator
 
 NUM_CLASSES = 16
 TOKEN_NOISE = 0.1  # probability that a token is replaced by a random one
@@ -33,7 +33,7 @@ def token_range(workload: Workload, component: str) -> int:
     """Tokens are drawn in [0, token_range): inside both the embedding and the LM head."""
     comp = workload.components[component]
     if comp.input is None or comp.input.vocab is None:
-        raise RuntimeModelError(f"component '{component}' has no 'tokens' input adapter")
+        raise LayerError(f"component '{component}' has no 'tokens' input adapter")
     return min(comp.input.vocab, comp.vocab) if comp.vocab is not None else comp.input.vocab
 
 
@@ -43,12 +43,14 @@ def make_raw(
     """The FULL batch of raw input of ``stage`` of ``task`` at ``step`` (CPU), or ``None`` if
     the stage reads no raw tokens: LongTensor [B, tokens] in [0, vocab) for a ``tokens``
     adapter, float32 [B, tokens, dim] for a ``features`` adapter."""
-    st = find_stage(workload.task(task), stage)
+    st = next((s for s in workload.task(task).stages if s.name == stage), None)
+    if st is None:
+        raise LayerError(f"task '{task}' has no stage '{stage}'")
     if st.tokens == 0:
         return None
     comp = workload.components[st.component]
     if comp.input is None:  # the workload validator already refuses this
-        raise RuntimeModelError(f"{task}/{stage}: tokens {st.tokens} but no input adapter")
+        raise LayerError(f"{task}/{stage}: tokens {st.tokens} but no input adapter")
     classes = sample_classes(workload, task, step, seed)
     batch = classes.shape[0]
     proto_gen = keyed_generator(seed, "prototype", st.component, st.tokens)

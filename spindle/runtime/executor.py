@@ -4,8 +4,8 @@
 
 * forward, wave ``w``: the :class:`~spindle.runtime.transmission.Transmitter` delivers this
   rank's rows of every value its slice reads; each arriving tensor becomes a *leaf* (detached
-  from the sender, ``requires_grad``), the slice's layers run with
-  :func:`spindle.runtime.model.run_operator`, and the slice's output (an activation tuple, or a
+  from the sender, ``requires_grad``), the slice's operators run the rank's modules with
+  :func:`spindle.layers.chain.run_chain`, and the slice's output (an activation tuple, or a
   loss scalar) is kept;
 * backward, wave ``w``: ``torch.autograd.backward`` from the slice's output with the gradients
   that arrived from its consumers (a loss scalar with gradient 1); the gradients of its input
@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from spindle.declare.workload import Workload
+from spindle.layers import provider_for
+from spindle.layers.chain import run_chain
+from spindle.layers.provider import Activation
 from spindle.plan.contract import Plan, Slice
 from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES, RowRange, SliceRef, ValueKey
 from spindle.runtime.data import make_raw
@@ -39,13 +42,6 @@ from spindle.runtime.localise import (
     slices_of_rank,
 )
 from spindle.runtime.metrics import PhaseTimer, RankIteration
-from spindle.runtime.model import (
-    LOSS_STAGE,
-    Activation,
-    needs_raw,
-    parameter_shape,
-    run_operator,
-)
 from spindle.runtime.param_groups import ParameterGroups
 from spindle.runtime.transmission import TransmissionSchedule, Transmitter
 
@@ -74,7 +70,6 @@ class WaveExecutor:
 
     def __init__(
         self,
-        workload: Workload,
         plan: Plan,
         rank: int,
         local: LocalModel,
@@ -84,10 +79,10 @@ class WaveExecutor:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.workload = workload
         self.plan = plan
         self.rank = rank
         self.local = local
+        self.provider = local.provider
         self.transmitter = transmitter
         self.schedule = transmitter.schedule
         self.timer = timer
@@ -110,11 +105,11 @@ class WaveExecutor:
             assert rows is not None
             for op in metaop.layers[s.layer_start:s.layer_end]:
                 key = (op.task, op.stage, rows)
-                if key in self._raw or not needs_raw(self.workload, op):
+                if key in self._raw or not self.provider.needs_raw(op):
                     continue
                 if (op.task, op.stage) not in full_batches:
                     full_batches[(op.task, op.stage)] = make_raw(
-                        self.workload, op.task, op.stage, step, self.seed)
+                        self.provider.workload, op.task, op.stage, step, self.seed)
                 full = full_batches[(op.task, op.stage)]
                 self._raw[key] = None if full is None else self._local_rows(full, rows)
 
@@ -171,38 +166,24 @@ class WaveExecutor:
     def _run_slice(
         self, ref: SliceRef, s: Slice, leaves: dict[int, Activation]
     ) -> Activation | torch.Tensor:
-        """The layers of slice ``s`` on this rank's rows; its inputs are ``leaves``."""
+        """The operators of slice ``s`` on this rank's rows; its inputs are ``leaves``: the
+        carry of its MetaOp, or the outputs of its producers by stage."""
         metaop = self.plan.metaops[s.metaop]
         edges = self.schedule.inputs_of.get(ref, ())
-        params = self.local.params
         rows = rows_on(self.plan, s, self.rank)
         assert rows is not None
-        prev: Activation | torch.Tensor | None = None
-        dep_outputs: dict[str, Activation] = {}
+        carry: Activation | None = None
+        inputs: dict[str, Activation] = {}
         if s.layer_start > 0:
             (edge,) = edges
-            prev = leaves[edge.id]
+            carry = leaves[edge.id]
         else:
             for e in edges:
-                producer_stage = self.plan.metaops[e.value[0]].layers[-1].stage
-                dep_outputs[producer_stage] = leaves[e.id]
-        for j in range(s.layer_start, s.layer_end):
-            op = metaop.layers[j]
-            carry: Activation | None = None
-            stage_inputs: dict[str, Activation] = {}
-            if op.stage == LOSS_STAGE or op.layer == 0:
-                if j == 0:
-                    stage_inputs = dep_outputs
-                else:  # a MetaOp whose chain crosses a stage boundary
-                    assert isinstance(prev, tuple)
-                    stage_inputs = {metaop.layers[j - 1].stage: prev}
-            else:
-                assert isinstance(prev, tuple)
-                carry = prev
-            raw = self._raw.get((op.task, op.stage, rows)) if needs_raw(self.workload, op) else None
-            prev = run_operator(self.workload, op, params, carry, stage_inputs, raw, metaop.batch)
-        assert prev is not None
-        return prev
+                inputs[self.plan.metaops[e.value[0]].layers[-1].stage] = leaves[e.id]
+        refs = metaop.layers[s.layer_start:s.layer_end]
+        raw = {op.stage: self._raw.get((op.task, op.stage, rows)) for op in refs}
+        return run_chain(self.provider, self.local.modules, refs, inputs, carry, raw,
+                         metaop.batch)
 
     def _backward_slice(
         self, rec: _SliceRecord, output_grads: dict[ValueKey, list[torch.Tensor | None]]
@@ -270,17 +251,20 @@ class TrainingRun:
         self.dtype = dtype
         self.clip = clip
         self.task_names = [t.name for t in workload.tasks]
-        self.local = localise(workload, plan, rank, seed, dtype, device)
+        provider = provider_for(workload)
+        provider.check_runnable()
+        self.local = localise(provider, plan, rank, seed, dtype, device)
         self.overlap_sync = overlap_sync
         self.groups = ParameterGroups(
-            plan, self.local.index, rank, world_size, device, dtype, overlap=overlap_sync,
+            plan, self.local.index, self.local.members, rank, world_size, device, dtype,
+            overlap=overlap_sync,
             min_bucket_bytes=min_bucket_bytes, timeout_s=timeout_s,
         )
         schedule = TransmissionSchedule.build(plan)
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=timeout_s)
         self.timer = PhaseTimer(device)
-        self.executor = WaveExecutor(workload, plan, rank, self.local, self.transmitter,
-                                     self.timer, seed, dtype, device)
+        self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer, seed,
+                                     dtype, device)
         if overlap_sync:
             self.executor.after_backward = self._launch_ready
         params = list(self.local.params.values())
@@ -335,8 +319,7 @@ class TrainingRun:
 
     def gather_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every logical parameter on rank 0 (None on the other ranks); collective."""
-        return self.groups.gather(
-            self.local.params, lambda name: tuple(parameter_shape(self.workload, name)))
+        return self.groups.gather(self.local.params)
 
 
 __all__ = ["WaveExecutor", "TrainingRun", "StepOutcome", "ForwardBackwardResult"]

@@ -4,22 +4,21 @@ Everything here is read off the plan (SPINDLE.md section 8.1); nothing is re-pla
 
 * Which rows of a slice a rank holds is :mod:`spindle.plan.layout`'s rule (a contrastive loss
   runs on the first device of its group with the whole batch).
-* A logical parameter's *device group* is the set of ranks that execute at least one operator
-  using it (:func:`parameter_device_groups`); every rank computes the same groups from the plan.
-* :func:`localise` builds, on one rank, exactly the parameters of the operators that rank runs,
-  each initialised from ``(seed, logical name)`` by the model's ``init_parameter``, so any plan on
-  any world size starts from the same values as the single-process reference model.
+* :func:`localise` builds, on one rank, exactly the modules of the operators that rank runs (on
+  the meta device, then materialised), every parameter initialised from ``(seed, logical name)``
+  by the layer provider, so any plan on any world size starts from the same values as the
+  single-process reference model.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from spindle.declare.workload import LayerRef, Workload
+from spindle.layers.provider import LayerProvider, materialise, parameter_index
 from spindle.plan.contract import Plan, Slice
 from spindle.plan.layout import (
     ParameterIndex,
@@ -27,10 +26,9 @@ from spindle.plan.layout import (
     SliceRef,
     executing_devices,
     iter_slices,
-    parameter_use,
+    slice_layers,
     slice_rows,
 )
-from spindle.runtime.model import init_parameter, parameter_names, parameter_shape
 
 log = logging.getLogger(__name__)
 
@@ -57,35 +55,18 @@ def slices_of_rank(plan: Plan, rank: int) -> dict[int, tuple[SliceRef, Slice]]:
     return mine
 
 
-def parameter_index(workload: Workload, plan: Plan) -> ParameterIndex:
-    """The logical parameters (and their elements) of every operator of ``plan``."""
-    shapes: dict[LayerRef, dict[str, int]] = {}
-
-    def params_of(ref: LayerRef) -> dict[str, int]:
-        if ref not in shapes:
-            shapes[ref] = {n: math.prod(parameter_shape(workload, n))
-                           for n in parameter_names(workload, ref)}
-        return shapes[ref]
-
-    return ParameterIndex(plan.metaops, params_of)
-
-
-def parameter_device_groups(index: ParameterIndex, plan: Plan) -> dict[str, tuple[int, ...]]:
-    """Logical parameter name -> sorted ranks that hold a replica (its device group ``D``)."""
-    holds, _ = parameter_use(plan, index)
-    return {index.names[i]: tuple(int(d) for d in holds[i].nonzero()[0])
-            for i in sorted(range(len(index)), key=lambda i: index.names[i])}
-
-
 @dataclass
 class LocalModel:
-    """One rank's share of the model: its parameters, every parameter's device group and the
-    wave after whose backward its gradient is final."""
+    """One rank's share of the model: the modules it runs (by path, materialised), their
+    parameters by logical name, and the plan's parameter index (every module of every
+    operator, keyed by path, with every parameter's name and shape)."""
 
     rank: int
-    params: dict[str, torch.nn.Parameter]  # sorted by logical name
-    device_groups: dict[str, tuple[int, ...]]  # every parameter of the plan, sorted by name
-    index: ParameterIndex  # every parameter of the plan, by operator
+    provider: LayerProvider
+    modules: dict[str, nn.Module]  # sorted by path
+    params: dict[str, nn.Parameter]  # sorted by logical name
+    index: ParameterIndex
+    members: dict[str, dict[str, tuple[int, ...]]]  # every module of the plan: name -> shape
 
     @property
     def num_elements(self) -> int:
@@ -93,24 +74,25 @@ class LocalModel:
 
 
 def localise(
-    workload: Workload,
+    provider: LayerProvider,
     plan: Plan,
     rank: int,
     seed: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LocalModel:
-    """Build the parameters of the operators ``rank`` runs, initialised by (seed, name)."""
-    index = parameter_index(workload, plan)
-    groups = parameter_device_groups(index, plan)
-    params: dict[str, torch.nn.Parameter] = {}
-    for name, ranks in groups.items():
-        if rank not in ranks:
-            continue
-        shape = tuple(parameter_shape(workload, name))
-        value = init_parameter(name, shape, seed, dtype)
-        params[name] = torch.nn.Parameter(value.to(device=device, dtype=dtype))
-    local = LocalModel(rank, params, groups, index)
-    log.debug("rank %d holds %d of %d parameters (%d elements)", rank, len(params), len(groups),
+    """Build, on the meta device, only the modules of the operators ``rank`` runs, and
+    materialise them on ``device`` with every parameter initialised by (seed, logical name)."""
+    index = parameter_index(provider, plan.metaops)
+    mine: set[str] = set()
+    for _, s in iter_slices(plan.waves):
+        if rank in executing_devices(plan.metaops[s.metaop], s.devices):
+            for ref in slice_layers(plan.metaops, s):
+                mine.update(provider.operator_modules(ref))
+    modules = materialise(provider, mine, seed, dtype, device)
+    params = {f"{path}.{n}": p for path, m in modules.items() for n, p in m.named_parameters()}
+    local = LocalModel(rank, provider, modules, dict(sorted(params.items())), index,
+                       {path: provider.parameter_shapes(path) for path in index.names})
+    log.debug("rank %d runs %d of %d modules (%d elements)", rank, len(modules), len(index),
               local.num_elements)
     return local

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ class ParameterGroups:
         self,
         plan: Plan,
         index: ParameterIndex,
+        members: Mapping[str, Mapping[str, tuple[int, ...]]],
         rank: int,
         world_size: int,
         device: torch.device | str = "cpu",
@@ -99,10 +100,14 @@ class ParameterGroups:
         holds, ready = parameter_use(plan, index)
         if not overlap:
             ready = np.zeros_like(ready)
-        self.device_groups = {
-            index.names[i]: tuple(int(d) for d in holds[i].nonzero()[0])
-            for i in sorted(range(len(index)), key=lambda i: index.names[i])
-        }
+        # every parameter's group is its module's; its shape, for the gather
+        self.device_groups: dict[str, tuple[int, ...]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for i, path in enumerate(index.names):
+            for name, shape in members[path].items():
+                self.device_groups[name] = tuple(int(d) for d in holds[i].nonzero()[0])
+                self.shapes[name] = shape
+        self.device_groups = dict(sorted(self.device_groups.items()))
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for ranks in sorted(parameter_pools(holds), key=lambda g: (len(g), g)):
             if len(ranks) <= 1:
@@ -115,7 +120,7 @@ class ParameterGroups:
             ) if world_size > 1 else None
         element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1
         self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = [
-            (b, tuple(index.names[k] for k in b.keys))
+            (b, tuple(n for k in b.keys for n in members[index.names[k]]))
             for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes,
                                   min_bucket_bytes)
             if rank in b.group
@@ -179,10 +184,7 @@ class ParameterGroups:
         return float(norm)
 
     def gather(
-        self,
-        params: Mapping[str, torch.nn.Parameter],
-        shape_of: Callable[[str], tuple[int, ...]],
-        dst: int = 0,
+        self, params: Mapping[str, torch.nn.Parameter], dst: int = 0
     ) -> dict[str, torch.Tensor] | None:
         """Collect every logical parameter on rank ``dst`` (the lowest rank of each device group
         sends it); returns name -> CPU tensor on ``dst`` and None elsewhere."""
@@ -196,7 +198,7 @@ class ParameterGroups:
             elif self.rank == owner:
                 ops.append(dist.P2POp(dist.isend, params[name].detach().contiguous(), dst, tag=tag))
             elif self.rank == dst:
-                buf = torch.empty(shape_of(name), dtype=self.dtype, device=self.device)
+                buf = torch.empty(self.shapes[name], dtype=self.dtype, device=self.device)
                 result[name] = buf
                 ops.append(dist.P2POp(dist.irecv, buf, owner, tag=tag))
         if ops:

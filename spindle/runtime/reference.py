@@ -1,9 +1,10 @@
-"""The plain single-process model: every logical parameter in one module, every task in turn.
+"""The plain single-process model: every module of the workload, every task in turn.
 
-This is the ground truth the distributed runtime is checked against: one iteration runs every
-task's whole batch through its stages, layer by layer, with :func:`run_operator` (the same layer
-maths as the runtime, so a mismatch points at the distribution logic, not at the layers), sums the
-task losses and takes one AdamW step with gradient clipping over all parameters.
+This is the ground truth the distributed runtime is checked against on the shipped workloads:
+one iteration runs every task's whole batch through its stages with the same modules and the
+same operator loop as the runtime (:func:`spindle.layers.chain.run_chain`, so a mismatch points
+at the distribution logic, not at the layers), sums the task losses and takes one AdamW step with
+gradient clipping over all parameters.
 """
 
 from __future__ import annotations
@@ -14,19 +15,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from spindle.declare.workload import LayerRef, Workload
+from spindle.declare.workload import LOSS_STAGE, LayerRef, Workload
+from spindle.layers import provider_for
+from spindle.layers.chain import run_chain
+from spindle.layers.provider import Activation, materialise
 from spindle.runtime.data import make_raw
-from spindle.runtime.model import (
-    LOSS_STAGE,
-    Activation,
-    all_parameter_names,
-    check_supported,
-    init_parameter,
-    is_lm_stage,
-    needs_raw,
-    parameter_shape,
-    run_operator,
-)
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +27,39 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 """Turns a stage's local embedding rows into the full batch (the identity on one process)."""
 
 
-def module_key(name: str) -> str:
-    """``nn.ParameterDict`` key of a logical name (module keys may not contain '.')."""
-    return name.replace(".", "/")
+def module_key(path: str) -> str:
+    """``nn.ModuleDict`` key of a module path (module keys may not contain '.')."""
+    return path.replace(".", "/")
 
 
 class ReferenceModel(nn.Module):
-    """All parameters of ``workload`` by logical name; ``forward(step)`` gives each task's loss."""
+    """Every module of ``workload`` by path; ``forward(step)`` gives each task's loss."""
 
     def __init__(self, workload: Workload, seed: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        check_supported(workload)
         self.workload = workload
         self.seed = seed
-        self.logical_names = all_parameter_names(workload)
-        self.params = nn.ParameterDict(
-            {
-                module_key(n): nn.Parameter(
-                    init_parameter(n, parameter_shape(workload, n), seed, dtype)
-                )
-                for n in self.logical_names
-            }
-        )
+        self.provider = provider_for(workload)
+        self.provider.check_runnable()
+        paths = {p for ref in self.provider.operators() for p in self.provider.operator_modules(ref)}
+        self.paths = sorted(paths)
+        self.mods = nn.ModuleDict({module_key(p): m for p, m in
+                                   materialise(self.provider, paths, seed, dtype).items()})
+
+    @property
+    def by_path(self) -> dict[str, nn.Module]:
+        return {p: self.mods[module_key(p)] for p in self.paths}
 
     def named_logical_parameters(self) -> dict[str, nn.Parameter]:
         """Logical name -> parameter (sorted by name)."""
-        return {n: self.params[module_key(n)] for n in self.logical_names}
+        out = {f"{p}.{n}": prm for p, m in self.by_path.items() for n, prm in m.named_parameters()}
+        return dict(sorted(out.items()))
 
     def raw_inputs(
         self, task: str, step: int, rows: slice = slice(None)
     ) -> dict[str, torch.Tensor | None]:
         """Raw input rows of every stage of ``task`` at ``step``, on this model's device."""
-        like = next(iter(self.params.values()))
+        like = next(iter(self.parameters()))
         out: dict[str, torch.Tensor | None] = {}
         for st in self.workload.task(task).stages:
             raw = make_raw(self.workload, task, st.name, step, self.seed)
@@ -85,35 +79,24 @@ class ReferenceModel(nn.Module):
         the whole loss, after ``gather`` has assembled the full batch of both embeddings.
         ``raw`` (from :meth:`raw_inputs` with the same ``rows``) avoids regenerating the data.
         """
-        w = self.workload
-        t = w.task(task)
-        params = self.named_logical_parameters()
+        t = self.workload.task(task)
+        modules = self.by_path
         raw = raw if raw is not None else self.raw_inputs(task, step, rows)
-        outputs: dict[str, Activation | torch.Tensor] = {}
+        outputs: dict[str, Activation] = {}
         for st in t.stages:
-            comp = w.components[st.component]
-            carry: Activation | torch.Tensor | None = None
-            for layer in range(comp.layers):
-                ref = LayerRef(task, st.name, st.component, layer)
-                carry = run_operator(
-                    w, ref, params, carry if isinstance(carry, tuple) else None,
-                    outputs,  # type: ignore[arg-type]  # only Activations are read
-                    raw[st.name] if needs_raw(w, ref) else None, t.batch_size,
-                )
-            assert carry is not None
-            outputs[st.name] = carry
-        if t.loss.type == "lm":
-            loss = outputs[str(t.loss.stage)]
-            assert isinstance(loss, torch.Tensor) and is_lm_stage(t, str(t.loss.stage))
-            return loss
-        full: dict[str, Activation] = {}
-        for name in t.loss.inputs:
-            (emb,) = outputs[name]  # type: ignore[misc]
-            full[name] = (gather(emb) if gather is not None else emb,)
-        loss_op = LayerRef(task, LOSS_STAGE, "", 0)
-        out = run_operator(w, loss_op, params, None, full, None, t.batch_size)
-        assert isinstance(out, torch.Tensor)
-        return out
+            refs = [LayerRef(task, st.name, st.component, i)
+                    for i in range(self.provider.num_layers(st.component))]
+            out = run_chain(self.provider, modules, refs, {s: outputs[s] for s in st.sources},
+                            None, raw, t.batch_size)
+            if isinstance(out, torch.Tensor):  # the LM loss stage
+                return out
+            outputs[st.name] = out
+        full = {name: ((gather(outputs[name][0]) if gather is not None else outputs[name][0]),)
+                for name in t.loss.inputs}
+        loss = run_chain(self.provider, modules, [LayerRef(task, LOSS_STAGE, "", 0)], full, None,
+                         raw, t.batch_size)
+        assert isinstance(loss, torch.Tensor)
+        return loss
 
     def forward(self, step: int) -> dict[str, torch.Tensor]:
         """Each task's loss on its full batch at ``step``, tasks in declaration order."""
@@ -130,13 +113,14 @@ def train_reference(
     ``weight_decay``) on all parameters.  Appends each step's task losses to ``history`` if
     given.  Returns logical name -> final value."""
     model = ReferenceModel(workload, seed, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(model.named_logical_parameters().values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         losses = model(step)
         total = torch.stack(list(losses.values())).sum()
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         if history is not None:
             history.append({k: float(v.detach()) for k, v in losses.items()})

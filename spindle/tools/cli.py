@@ -17,12 +17,13 @@ log = logging.getLogger("spindle")
 def _cmd_workloads(args: argparse.Namespace) -> int:
     from spindle.costs.graph import contract
     from spindle.declare.workload import load_workload, shipped_workloads
+    from spindle.layers import provider_for
 
     print(f"{'name':<22} {'params':>9} {'tasks':>5} {'MetaOps':>7}  description")
     for name in shipped_workloads():
         w = load_workload(name)
         g = contract(w)
-        params = w.num_parameters()
+        params = provider_for(w).num_parameters()
         shown = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e3:.0f}K"
         print(f"{name:<22} {shown:>9} {len(w.tasks):>5} {len(g.metaops):>7}  {w.description}")
     return 0

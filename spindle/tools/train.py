@@ -61,12 +61,13 @@ from tqdm import tqdm  # noqa: E402
 
 from spindle.declare.workload import Workload, WorkloadError, load_workload  # noqa: E402
 from spindle.io import write_atomic  # noqa: E402
+from spindle.layers import provider_for  # noqa: E402
+from spindle.layers.provider import LayerError  # noqa: E402
 from spindle.plan.checks import load_plan  # noqa: E402
 from spindle.plan.contract import Plan, PlanError  # noqa: E402
 from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
-from spindle.runtime.model import check_supported  # noqa: E402
 
 log = logging.getLogger("spindle.train")
 
@@ -266,7 +267,7 @@ def save_parameters(path: Path, params: dict[str, torch.Tensor]) -> None:
 
 def run(args: argparse.Namespace, env: RankEnv) -> None:
     workload = load_workload(args.workload)
-    check_supported(workload)
+    provider_for(workload).check_runnable()
     if args.steps < 0:
         raise TrainError(f"--steps {args.steps}: must be at least 0")
     if args.min_bucket_bytes < 0:
@@ -300,7 +301,7 @@ def _one_line(err: BaseException) -> str:
     as 'lost contact with another rank', anything else with its type."""
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(err, (TrainError, PlanError, WorkloadError)):
+    if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError)):
         return first or type(err).__name__
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

@@ -4,7 +4,7 @@ import pytest
 
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import contract
-from spindle.costs.memory import parameter_index, pool_sizes
+from spindle.costs.memory import pool_sizes
 from spindle.declare.workload import load_workload
 from spindle.plan.contract import Plan, Slice, Wave
 from spindle.planner.simulator import Links, simulate
@@ -60,7 +60,7 @@ def test_parameter_groups_merge_shared_layers(clip):
         devs = (1,) if m.name == "imu-text/text" else (0,)
         waves.append(Wave((Slice(m.id, 0, m.num_layers, devs, 1.0),)))
     p = _plan(w, g, waves, 2)
-    pools = pool_sizes(p, parameter_index(g))
+    pools = pool_sizes(p, g.parameter_index)
     assert (0, 1) in pools  # text layers live on both devices
     r = simulate(p, g, est, Links(2, 100.0, 10.0))
     assert r.sync_s > 0
@@ -111,7 +111,7 @@ def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
                   optimizer_includes_clip=True)
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0,), 1.0),)) for m in g.metaops]
     one = _plan(w, g, waves, 2)  # device 0 holds everything, device 1 nothing
-    index = parameter_index(g)
+    index = g.parameter_index
     held = device_parameters(one, index)
     assert held[1] == 0 and held[0] == pytest.approx(sum(pool_sizes(one, index).values()))
     r = simulate(one, g, est, links)
@@ -182,7 +182,7 @@ def test_sync_buckets_cover_every_replicated_parameter_in_launch_order(clip):
              for m in g.metaops]
     plan = _plan(w, g, waves, 2)
     links = Links(2, 100.0, 10.0, grad_bytes=4)
-    index = parameter_index(g)
+    index = g.parameter_index
     buckets = sync_buckets(index, *parameter_use(plan, index), links.grad_bytes)
     pools = {grp: n for grp, n in pool_sizes(plan, index).items() if len(grp) > 1}
     for grp, n in pools.items():

@@ -16,7 +16,7 @@ from spindle.planner.bounds import global_lower_bound, level_lower_bound
 from spindle.planner.registry import PLANNERS, check_waves
 from spindle.planner.scheduler import SchedulerOptions, wavefront_schedule
 from tests.fixtures import synthetic_graph
-from tests.placed import validate_placed
+from tests.plans import validate_placed
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -79,16 +79,3 @@ def test_unservable_workload(capsys, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
-def test_demo_trains_both_plans_side_by_side():
-    """The README's demo: plan, train Spindle's and sequential's plans on 2 processes, and end
-    with both measured iteration times and the same final loss (the plans compute the same)."""
-    r = subprocess.run([sys.executable, "-m", "spindle.tools.cli", "demo", "--steps", "6"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()
-            if line.startswith(("spindle ", "sequential "))}
-    assert set(rows) == {"spindle", "sequential"}
-    assert float(rows["spindle"][2]) > 0 and float(rows["sequential"][2]) > 0
-    assert rows["spindle"][3] == rows["sequential"][3]  # same final loss, printed to 4 places
-    assert "measured speedup of Spindle over sequential" in r.stdout

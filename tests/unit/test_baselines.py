@@ -11,7 +11,7 @@ from spindle.plan.contract import Wave, schedule_length
 from spindle.planner.baselines import distmm_mt, optimus, sequential, uniform
 from spindle.planner.registry import PLANNERS, PlanningError, check_waves, plan_waves
 from tests.fixtures import alpha_beta_estimator, synthetic_graph
-from tests.placed import validate_placed
+from tests.plans import validate_placed
 
 
 def _slices(waves: list[Wave]) -> list[list[tuple[int, int, int]]]:

@@ -10,14 +10,13 @@ from spindle.costs.memory import (
     MemoryLedger,
     memory_model_for,
     memory_report,
-    operator_parameters,
     saved_elements_per_layer,
 )
 from spindle.declare.workload import (
     load_workload,
-    shipped_workloads,
     workload_from_dict,
 )
+from spindle.layers import provider_for
 from spindle.plan.contract import Plan, Slice, Wave
 
 
@@ -27,33 +26,6 @@ def _plan(w, g, waves, n):
 
 def _one_device_plan(w, g):
     return _plan(w, g, [Wave((Slice(m.id, 0, m.num_layers, (0,)),)) for m in g.metaops], 1)
-
-
-def _group(name: str) -> str:
-    """The memory model's key of a runtime parameter name (block tensors grouped)."""
-    parts = name.split(".")
-    if parts[0] == "loss":
-        return name
-    if parts[1] in ("blocks", "in_proj"):
-        return ".".join(parts[:3])
-    return ".".join(parts[:2])
-
-
-@pytest.mark.parametrize("name", shipped_workloads())
-def test_operator_parameters_match_the_runtime(name):
-    import math
-
-    from spindle.runtime.model import parameter_names, parameter_shape
-
-    w = load_workload(name)
-    g = contract(w)
-    for m in g.metaops:
-        for layer in range(m.num_layers):
-            expected: dict[str, int] = {}
-            for n in parameter_names(w, m.layers[layer]):
-                key = _group(n)
-                expected[key] = expected.get(key, 0) + math.prod(parameter_shape(w, n))
-            assert operator_parameters(w, m.layers[layer]) == expected, (m.name, layer)
 
 
 def test_bytes_per_parameter():
@@ -69,10 +41,9 @@ def test_shared_parameters_are_counted_once_per_device():
     g = contract(w)
     by = {m.name: m for m in g.metaops}
     # everything on one device: every logical parameter of the runtime exactly once
-    from spindle.runtime.model import all_parameter_names, parameter_count
-
+    provider = provider_for(w)
     rep = memory_report(_one_device_plan(w, g), g, FP32)
-    assert rep.devices[0].num_params == parameter_count(w, all_parameter_names(w))
+    assert rep.devices[0].num_params == provider.num_parameters()
     # three text MetaOps (3 tasks) on device 0: the text layers count once there
     texts = [by[f"{t}/text"] for t in ("vision-text", "audio-text", "imu-text")]
     waves = [Wave((Slice(m.id, 0, m.num_layers, (0,)),)) for m in texts]
@@ -107,7 +78,7 @@ def test_activation_peak_of_a_hand_made_plan():
     assert rep.devices[1].transient_bytes == pytest.approx(4 * per)
     params = {0: 0, 1: 0}
     for d, layers in ((0, range(3)), (1, range(2))):
-        params[d] = sum(sum(operator_parameters(w, vis.layers[l]).values()) for l in layers)
+        params[d] = sum(sum(g.provider.module_sizes(vis.layers[l]).values()) for l in layers)
     for d in (0, 1):
         dm = rep.devices[d]
         assert dm.param_bytes == 16 * params[d]

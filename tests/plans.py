@@ -1,18 +1,11 @@
-"""The runtime engine's main contract: any plan, on any world size, trains exactly like one process.
-
-For every shipped tiny workload on 1, 2 and 4 ranks (torchrun, gloo on CPU), the plans of the
-``spindle``, ``sequential`` and ``optimus`` planners plus two hand-written plans are trained for
-3 optimizer steps in ONE launch per (workload, world size) (``spindle.train`` accepts several
-``--plan`` files), and every saved parameter must equal :func:`train_reference`'s in float64
-to 1e-9.  One more launch per workload checks float32 against a float32 reference.
+"""Test helpers: hand-written plans, the naive placement's validation, and launching
+``spindle.train`` under torchrun.
 
 The hand-written plans stay even though the planners exist: ``sequential-hand`` runs every
 MetaOp on all ranks that divide its batch (the contrastive losses too, which the runtime then
 runs on the group's first rank), and ``mixed`` (:func:`mixed_plan`) splits MetaOps' layers over
 waves with different, permuted device groups and runs several MetaOps side by side, so the
 batch is re-split between almost every pair of consecutive slices.
-
-The multi-rank launches take about 5-15 s each on 2 CPU cores; the tests are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -21,16 +14,15 @@ import os
 import random
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
-import pytest
 import torch
 
 from spindle.costs.graph import contract
-from spindle.declare.workload import Workload, load_workload
+from spindle.declare.workload import Workload
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, Slice, Wave
+from spindle.planner.placement import place_naive
 
 WORKLOADS = ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val")
 WORLD_SIZES = (1, 2, 4)
@@ -38,9 +30,6 @@ PLANNERS = ("spindle", "sequential", "optimus")
 STEPS = 3
 SEED = 7
 REPO = Path(__file__).resolve().parents[1]
-
-
-# --- hand-written plans ------------------------------------------------------------------------
 
 
 def _plan(workload: Workload, name: str, num_devices: int, waves: list[Wave]) -> Plan:
@@ -123,22 +112,6 @@ def demanding_mixed_plan(workload: Workload, num_devices: int) -> Plan:
     raise AssertionError("no demanding plan in 100 seeds")
 
 
-def test_mixed_plans_are_valid_and_demanding() -> None:
-    for name in WORKLOADS:
-        w = load_workload(name)
-        for n in (2, 4):
-            plan = demanding_mixed_plan(w, n)
-            assert is_demanding(plan)
-            re_split = sum(
-                1 for wv in plan.waves for s in wv.slices
-                if s.layer_start > 0 or plan.metaops[s.metaop].deps
-            )
-            assert re_split > 0
-
-
-# --- launching ---------------------------------------------------------------------------------
-
-
 def all_plans(workload: Workload, nproc: int) -> dict[str, Plan]:
     from spindle.planner.pipeline import make_plan
 
@@ -170,14 +143,6 @@ def run_train(
     )
 
 
-@lru_cache(maxsize=None)
-def reference(workload: str, dtype_name: str) -> dict[str, torch.Tensor]:
-    from spindle.runtime.reference import train_reference
-
-    dtype = getattr(torch, dtype_name)
-    return train_reference(load_workload(workload), SEED, STEPS, dtype=dtype)
-
-
 def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float,
                    rtol: float, label: str) -> None:
     assert sorted(got) == sorted(want), f"{label}: parameter names differ"
@@ -192,81 +157,29 @@ def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], 
         )
 
 
-def _train_plans(tmp_path: Path, workload: str, nproc: int, plans: dict[str, Plan],
-                 dtype: str, extra: tuple[str, ...] = ()) -> Path:
-    paths = []
-    for label, plan in plans.items():
-        path = tmp_path / f"{label}.json"
-        plan.save(path)
-        paths.append(str(path))
-    out = tmp_path / "out"
-    proc = run_train(nproc, workload, [
-        "--plan", *paths, "--steps", str(STEPS), "--seed", str(SEED), "--dtype", dtype,
-        "--save", str(out), "--metrics", str(tmp_path / "metrics.jsonl"), "--no-progress",
-        "--timeout", "60", *extra,
-    ])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def rank_stderr(log_dir: Path, nproc: int) -> list[str]:
+    """Each rank's stderr from torchrun's ``--log-dir`` (``--redirects 3``)."""
+    out = []
+    for rank in range(nproc):
+        (path,) = log_dir.glob(f"*/attempt_0/{rank}/stderr.log")
+        out.append(path.read_text())
     return out
+STOPPED = "stopped by the launcher (another rank failed)"
 
 
-# --- the equivalence tests ---------------------------------------------------------------------
+def assert_one_line_each(logs: list[str], expect: list[str | tuple[str, ...]]) -> None:
+    """Each rank wrote exactly one line, which contains (one of) its expected text(s)."""
+    for rank, (text, want) in enumerate(zip(logs, expect)):
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        assert len(lines) == 1, f"rank {rank}: {text!r}"
+        assert lines[0].startswith(f"spindle.train: rank {rank}: "), lines[0]
+        options = (want,) if isinstance(want, str) else want
+        assert any(w in lines[0] for w in options), lines[0]
+        assert "Traceback" not in text
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc", WORLD_SIZES)
-@pytest.mark.parametrize("workload", WORKLOADS)
-def test_every_plan_trains_like_one_process_float64(
-    tmp_path: Path, workload: str, nproc: int
-) -> None:
-    w = load_workload(workload)
-    plans = all_plans(w, nproc)
-    # the most demanding sync schedule: one bucket per ready wave, each all-reduced under the
-    # remaining backward waves
-    out = _train_plans(tmp_path, workload, nproc, plans, "float64", ("--min-bucket-bytes", "0"))
-    want = reference(workload, "float64")
-    for label in plans:
-        got = torch.load(out / label / "params.pt")
-        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/{nproc}/{label}")
-
-
-@pytest.mark.slow
-def test_sync_after_backward_trains_like_one_process(tmp_path: Path) -> None:
-    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) is the same
-    update as the overlapped sync."""
-    workload = "tiny-ofasys"
-    plans = {k: v for k, v in all_plans(load_workload(workload), 2).items()
-             if k in ("spindle", "mixed")}
-    out = _train_plans(tmp_path, workload, 2, plans, "float64", ("--no-overlap-sync",))
-    want = reference(workload, "float64")
-    for label in plans:
-        got = torch.load(out / label / "params.pt")
-        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/2/{label}/after")
-
-
-def is_gradient_free(name: str) -> bool:
-    """Attention key biases: softmax ignores a constant added to every score of a query, so
-    their gradient is exactly zero and in float32 only rounding noise, which AdamW turns into
-    steps of about ``lr`` in a random direction, different for every summation order."""
-    return name.endswith(".k.bias")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("workload", WORKLOADS)
-def test_spindle_plan_trains_like_one_process_float32(tmp_path: Path, workload: str) -> None:
-    """float32 on 4 ranks: the sums run in another order than on one process, so the result
-    equals the float32 reference to float32 rounding (as close as that reference is to the
-    float64 one, about 2e-5 here); gradient-free parameters only within AdamW's step bound."""
-    w = load_workload(workload)
-    plans = {k: v for k, v in all_plans(w, 4).items() if k in ("spindle", "mixed")}
-    out = _train_plans(tmp_path, workload, 4, plans, "float32")
-    want = reference(workload, "float32")
-    lr = 1e-3
-    for label in plans:
-        got = torch.load(out / label / "params.pt")
-        tag = f"{workload}/4/{label}/float32"
-        assert sorted(got) == sorted(want), f"{tag}: parameter names differ"
-        free = [n for n in want if is_gradient_free(n)]
-        assert_matches({n: got[n] for n in want if n not in free},
-                       {n: v for n, v in want.items() if n not in free}, 5e-5, 1e-4, tag)
-        for n in free:
-            assert float((got[n] - want[n]).abs().max()) <= 4 * STEPS * lr, f"{tag}: {n}"
+def validate_placed(waves: list[Wave], graph, num_devices: int) -> None:  # type: ignore[no-untyped-def]
+    """Place ``waves`` naively and run the plan validator on the result."""
+    placed = tuple(place_naive(waves, num_devices))
+    validate_plan(Plan("t", "t", "0", num_devices, 1, "", tuple(graph.metaops), placed),
+                  graph.metaops)

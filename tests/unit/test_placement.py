@@ -11,7 +11,6 @@ from spindle.costs.graph import contract
 from spindle.costs.memory import (
     MemoryLedger,
     memory_report,
-    parameter_index,
     pool_sizes,
 )
 from spindle.declare.workload import load_workload
@@ -96,8 +95,8 @@ def test_metaops_sharing_parameters_share_devices():
     naive = place_naive(waves, 4)
     assert set(_devices(naive, 0, vt)) != set(_devices(naive, 1, at))
     # so every parameter's device group has 2 devices (4 for the text layers when spread)
-    assert max(len(d) for d in pool_sizes(_plan(w, g, placed, c), parameter_index(g))) == 2
-    assert max(len(d) for d in pool_sizes(_plan(w, g, naive, c), parameter_index(g))) == 4
+    assert max(len(d) for d in pool_sizes(_plan(w, g, placed, c), g.parameter_index)) == 2
+    assert max(len(d) for d in pool_sizes(_plan(w, g, naive, c), g.parameter_index)) == 4
 
 
 @pytest.mark.parametrize("name, n", [("tiny-multitask-clip", 2), ("tiny-ofasys", 4),

@@ -7,7 +7,7 @@ from spindle.declare.workload import load_workload
 def test_clip_metaops_are_stage_chains():
     w = load_workload("multitask-clip-4")
     g = contract(w)
-    ops, edges = build_operator_graph(w)
+    ops, edges = build_operator_graph(w, g.provider)
     assert sum(m.num_layers for m in g.metaops) == len(ops)
     by_name = {m.name: m for m in g.metaops}
     vt = by_name["vision-text/vision"]
