@@ -66,6 +66,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from spindle.declare.workload import load_workload
     from spindle.plan.checks import load_plan
+    from spindle.runtime.config import RunConfig
     from spindle.runtime.ddp_baseline import run_ddp_baseline
     from spindle.runtime.executor import TrainingRun
 
@@ -77,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         workload = load_workload(name)
         runs = {
             p: TrainingRun(workload, load_plan(plans_dir / f"{name}-{p}.json"), rank, world,
-                           device, seed=args.seed)
+                           device, RunConfig(seed=args.seed))
             for p in PLANNED
         }
         iterations: dict[str, list[float]] = {p: [] for p in (*PLANNED, "ddp")}
@@ -92,7 +93,8 @@ def worker(args: argparse.Namespace) -> None:
                 next_step[p] = timed.stop
                 iterations[p] += res["iteration_s"]
                 phases[p] = res["phases_s"]
-            ddp = run_ddp_baseline(workload, steps=args.steps, seed=args.seed, warmup=args.warmup)
+            ddp = run_ddp_baseline(workload, RunConfig(steps=args.steps, seed=args.seed),
+                                   warmup=args.warmup)
             iterations["ddp"] += ddp["iteration_s"]
         if rank == 0:
             sys.stdout.write(json.dumps({"workload": name, "world_size": world,

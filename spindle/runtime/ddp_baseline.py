@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spindle.declare.workload import Workload, load_workload
+from spindle.runtime.config import RunConfig
 from spindle.runtime.reference import ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,16 @@ def _sync(device: torch.device) -> None:
 
 
 def run_ddp_baseline(
-    workload: Workload, steps: int, seed: int = 0, warmup: int = 1, lr: float = 1e-3,
-    weight_decay: float = 0.01, clip: float = 1.0, dtype: torch.dtype = torch.float32,
-    return_parameters: bool = False,
+    workload: Workload, config: RunConfig, warmup: int = 1, return_parameters: bool = False,
 ) -> dict[str, Any]:
-    """Train ``warmup + steps`` iterations (data of steps 0, 1, ...) with DDP over all ranks and
-    time the last ``steps``.  Every rank returns the same dict: ``iteration_s`` (per timed
+    """Train ``warmup + config.steps`` iterations (data of steps 0, 1, ...) with DDP over all ranks and
+    time the last ``config.steps`` (seed, dtype, AdamW and clipping from ``config``).  Every rank returns the same dict: ``iteration_s`` (per timed
     iteration, the slowest rank's), ``mean_iteration_s``, ``median_iteration_s``, ``losses``
     (each task's loss at the last iteration), ``grad_norms`` (the total gradient norm before
     clipping, every iteration), and with ``return_parameters`` the final
     ``parameters`` (logical name -> CPU tensor).  The same hyperparameters as
     :func:`spindle.runtime.reference.train_reference` give the same parameters."""
+    steps, seed, dtype = config.steps, config.seed, config.torch_dtype
     created, device = _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -127,7 +127,7 @@ def run_ddp_baseline(
             sharded, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=False,
         )
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         times: list[float] = []
         grad_norms: list[float] = []
         values: Mapping[str, torch.Tensor] = {}
@@ -143,7 +143,7 @@ def run_ddp_baseline(
             opt.zero_grad(set_to_none=True)
             objective, values = ddp(step, raw)
             objective.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             opt.step()
             _sync(device)
             if step >= warmup:
@@ -195,16 +195,12 @@ def _task_losses(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", help="shipped workload name or YAML/TOML path")
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    RunConfig.add_arguments(parser)  # --steps: the timed iterations
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run_ddp_baseline(
-        load_workload(args.workload), steps=args.steps, seed=args.seed, warmup=args.warmup,
-        lr=args.lr,
-    )
+    result = run_ddp_baseline(load_workload(args.workload), RunConfig.from_args(args),
+                              warmup=args.warmup)
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()

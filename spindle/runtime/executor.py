@@ -33,7 +33,8 @@ from spindle.layers import provider_for
 from spindle.layers.chain import run_chain
 from spindle.layers.provider import Activation
 from spindle.plan.contract import Plan, Slice
-from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES, RowRange, SliceRef, ValueKey
+from spindle.plan.layout import RowRange, SliceRef, ValueKey
+from spindle.runtime.config import RunConfig
 from spindle.runtime.data import make_raw
 from spindle.runtime.localise import (
     LocalModel,
@@ -228,49 +229,38 @@ class TrainingRun:
     """
 
     def __init__(
-        self,
-        workload: Workload,
-        plan: Plan,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        clip: float = 1.0,
-        timeout_s: float | None = None,
-        overlap_sync: bool = True,
-        min_bucket_bytes: int = SYNC_MIN_BUCKET_BYTES,
+        self, workload: Workload, plan: Plan, rank: int, world_size: int, device: torch.device,
+        config: RunConfig | None = None,
     ) -> None:
+        config = config or RunConfig()
         self.workload = workload
         self.plan = plan
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.dtype = dtype
-        self.clip = clip
+        self.config = config
+        self.dtype = dtype = config.torch_dtype
         self.task_names = [t.name for t in workload.tasks]
         provider = provider_for(workload)
         provider.check_runnable()
-        self.local = localise(provider, plan, rank, seed, dtype, device)
-        self.overlap_sync = overlap_sync
+        self.local = localise(provider, plan, rank, config.seed, dtype, device)
         self.groups = ParameterGroups(
             plan, self.local.index, self.local.members, rank, world_size, device, dtype,
-            overlap=overlap_sync,
-            min_bucket_bytes=min_bucket_bytes, timeout_s=timeout_s,
+            overlap=config.overlap_sync, min_bucket_bytes=config.min_bucket_bytes,
+            timeout_s=config.timeout,
         )
         schedule = TransmissionSchedule.build(plan)
-        self.transmitter = Transmitter(schedule, rank, device, timeout_s=timeout_s)
+        self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout)
         self.timer = PhaseTimer(device)
-        self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer, seed,
-                                     dtype, device)
-        if overlap_sync:
+        self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
+                                     config.seed, dtype, device)
+        if config.overlap_sync:
             self.executor.after_backward = self._launch_ready
         params = list(self.local.params.values())
         self.optimizer = (
             # foreach: the multi-tensor kernels, bit-identical to the per-tensor loop, faster
-            torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+            torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                              foreach=True)
             if params else None
         )
         self._prepared: int | None = None
@@ -298,7 +288,7 @@ class TrainingRun:
         with self.timer.phase("param_sync"):
             sync_bytes = self.groups.finish(self.local.params)
         with self.timer.phase("optimizer"):
-            norm = self.groups.clip_gradients(self.local.params, self.clip)
+            norm = self.groups.clip_gradients(self.local.params, self.config.clip)
             if self.optimizer is not None:
                 self.optimizer.step()
         elapsed = time.perf_counter() - start

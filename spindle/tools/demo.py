@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 from spindle.planner.pipeline import evaluate, make_context
+from spindle.runtime.config import RunConfig
+from spindle.tools.launcher import torchrun_command
 
 WARMUP = 3
 
@@ -36,9 +38,9 @@ def run_demo(args: argparse.Namespace) -> int:
             metrics = Path(tmp) / f"{planner}.jsonl"
             res.plan.save(plan_path)
             print(f"\n[{planner}] plan: {len(res.plan.waves)} waves; training ...", flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", "-m", "spindle.train", args.workload,
-                   "--plan", str(plan_path), "--steps", str(steps), "--metrics", str(metrics)]
+            config = RunConfig(steps=steps, metrics=str(metrics))
+            cmd = torchrun_command(nproc, [args.workload, "--plan", str(plan_path),
+                                           *config.to_argv()])
             # torchrun prints a banner unless OMP_NUM_THREADS is set; 1 is its default anyway
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             code = subprocess.call(cmd, env=env)

@@ -23,6 +23,7 @@ from typing import IO
 
 from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
+from spindle.runtime.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,14 @@ _TORCHRUN_LOG = re.compile(rb"^[DIWEF]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(e
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``spindle train``."""
+    """The arguments of ``spindle train``: what to train and how to plan it, then every run
+    option of :class:`~spindle.runtime.config.RunConfig` (the torchrun entry's own)."""
     parser.add_argument("workload", help="a shipped workload name or a YAML/TOML file")
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks) to launch")
     parser.add_argument("--planner", default="spindle",
                         help="planner that makes the plan (spindle or a baseline)")
     parser.add_argument("--plan", default=None, metavar="FILE",
                         help="train this plan instead of planning (must be for --nproc devices)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    parser.add_argument("--save", default=None, metavar="DIR", help="write DIR/params.pt")
-    parser.add_argument("--metrics", default=None, metavar="FILE",
-                        help="one JSON line per iteration")
     parser.add_argument("--save-plan", default=None, metavar="FILE",
                         help="also keep the plan that was trained")
     parser.add_argument("--devices-per-node", type=int, default=None,
@@ -52,27 +47,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default=None,
                         help="hardware preset for planning (default: a800 with CUDA, else cpu)")
     parser.add_argument("--profile", default=None, help="measured profile for planning")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds a collective may wait before the job fails")
-    parser.add_argument("--no-overlap-sync", action="store_true",
-                        help="all-reduce gradients after the whole backward (default: each"
-                             " bucket as soon as it is final, under the remaining backward)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    RunConfig.add_arguments(parser)
 
 
 def train_arguments(args: argparse.Namespace, plan_path: Path) -> list[str]:
-    """The ``spindle.train`` arguments that carry ``args`` over."""
-    out = [str(args.workload), "--plan", str(plan_path), "--steps", str(args.steps),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--dtype", args.dtype,
-           "--timeout", str(args.timeout)]
-    if args.save:
-        out += ["--save", str(args.save)]
-    if args.metrics:
-        out += ["--metrics", str(args.metrics)]
-    if args.no_progress:
-        out.append("--no-progress")
-    if getattr(args, "no_overlap_sync", False):
-        out.append("--no-overlap-sync")
+    """The ``spindle.train`` arguments that carry ``args`` over: the workload, the plan file and
+    exactly the run options of ``args``."""
+    out = [str(args.workload), "--plan", str(plan_path), *RunConfig.from_args(args).to_argv()]
     if getattr(args, "verbose", False):
         out.append("--verbose")
     return out
@@ -99,6 +80,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Plan, launch torchrun, and return its exit status (0 when every rank succeeded)."""
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be at least 1")
+    RunConfig.from_args(args).check()
     plan = _make_plan(args)
     if plan.num_devices != args.nproc:
         raise ValueError(f"the plan is for {plan.num_devices} devices, not --nproc {args.nproc}")

@@ -1,9 +1,11 @@
 """Train a plan for real: the torchrun entry point of the runtime engine.
 
-    torchrun --nproc-per-node N -m spindle.train WORKLOAD --plan plan.json [--steps K] [--seed S]
-        [--lr LR] [--save DIR] [--metrics FILE] [--dtype float32|float64]
+    torchrun --nproc-per-node N -m spindle.train WORKLOAD --plan plan.json [run options]
 
-Every rank reads the same plan, builds only its own parameters, and runs the plan's waves
+The run options are :class:`spindle.runtime.config.RunConfig`'s (``--steps``, ``--seed``,
+``--lr``, ``--weight-decay``, ``--clip``, ``--dtype``, ``--save``, ``--metrics``, ...), the same
+``spindle train`` takes.  Every rank reads the same plan, builds only its own modules, and runs
+the plan's waves
 (:class:`spindle.runtime.executor.TrainingRun`).  Backend: gloo on CPU, NCCL on CUDA (device
 ``cuda:LOCAL_RANK``), with the same code.  Rank 0 shows a progress bar with the per-task losses,
 writes one JSON line per iteration to ``--metrics`` and, with ``--save DIR``, the trained
@@ -65,13 +67,12 @@ from spindle.layers import provider_for  # noqa: E402
 from spindle.layers.provider import LayerError  # noqa: E402
 from spindle.plan.checks import load_plan  # noqa: E402
 from spindle.plan.contract import Plan, PlanError  # noqa: E402
-from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES  # noqa: E402
+from spindle.runtime.config import ConfigError, RunConfig  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
 
 log = logging.getLogger("spindle.train")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 FAIL_RANK_ENV = "SPINDLE_FAIL_RANK"  # test hook: this rank raises at step SPINDLE_FAIL_STEP
 FAIL_STEP_ENV = "SPINDLE_FAIL_STEP"
 FAIL_MODE_ENV = "SPINDLE_FAIL_MODE"
@@ -109,27 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", help="a shipped workload name or a YAML/TOML file")
     p.add_argument("--plan", nargs="+", required=True, metavar="PLAN",
                    help="plan JSON file(s); several are trained one after the other")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA (NCCL) when available, else CPU (gloo)")
-    p.add_argument("--save", default=None, metavar="DIR", help="write DIR/params.pt at the end")
-    p.add_argument("--metrics", default=None, metavar="FILE",
-                   help="append one JSON line per iteration (rank 0)")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds a collective may wait before the job fails (default 120)")
-    p.add_argument("--no-overlap-sync", action="store_true",
-                   help="all-reduce the gradients after the whole backward instead of each"
-                        " bucket as soon as the backward waves have made it final")
-    p.add_argument("--min-bucket-bytes", type=int, default=SYNC_MIN_BUCKET_BYTES,
-                   metavar="N",
-                   help="a sync bucket ends where the ready wave changes once it holds N bytes"
-                        f" (default {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    RunConfig.add_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true", help="log more")
     return p
 
@@ -212,24 +193,19 @@ def _maybe_fail(env: RankEnv, step: int) -> None:
 
 
 def train_plan(
-    args: argparse.Namespace, workload: Workload, plan: Plan, label: str, env: RankEnv,
-    device: torch.device, metrics: MetricsWriter,
+    config: RunConfig, workload: Workload, plan: Plan, label: str, env: RankEnv,
+    device: torch.device, metrics: MetricsWriter, several: bool,
 ) -> dict[str, torch.Tensor] | None:
-    """Train ``plan`` for ``args.steps`` iterations; returns the parameters on rank 0 when
+    """Train ``plan`` for ``config.steps`` iterations; returns the parameters on rank 0 when
     ``--save`` is given (None otherwise and on other ranks)."""
-    run = TrainingRun(
-        workload, plan, env.rank, env.world_size, device, seed=args.seed,
-        dtype=DTYPES[args.dtype], lr=args.lr, weight_decay=args.weight_decay, clip=args.clip,
-        timeout_s=args.timeout, overlap_sync=not args.no_overlap_sync,
-        min_bucket_bytes=args.min_bucket_bytes,
-    )
+    run = TrainingRun(workload, plan, env.rank, env.world_size, device, config)
     tasks = run.task_names
-    desc = plan.planner if len(args.plan) == 1 else f"{label} ({plan.planner})"
-    bar = tqdm(total=args.steps, desc=desc, unit="it", file=sys.stderr, leave=True,
-               disable=env.rank != 0 or args.no_progress, dynamic_ncols=True)
+    desc = f"{label} ({plan.planner})" if several else plan.planner
+    bar = tqdm(total=config.steps, desc=desc, unit="it", file=sys.stderr, leave=True,
+               disable=env.rank != 0 or not config.progress, dynamic_ncols=True)
     times: list[float] = []
     try:
-        for step in range(args.steps):
+        for step in range(config.steps):
             _maybe_fail(env, step)
             outcome = run.step(step)
             vec = torch.tensor(outcome.rank_iteration.to_vector(tasks), dtype=torch.float64,
@@ -253,7 +229,7 @@ def train_plan(
         tail = times[1:] or times
         log.info("%s: %d steps, mean iteration %.4f s (after the first)", label, len(times),
                  sum(tail) / len(tail))
-    if args.save is None:
+    if config.save is None:
         return None
     return run.gather_parameters()
 
@@ -266,25 +242,23 @@ def save_parameters(path: Path, params: dict[str, torch.Tensor]) -> None:
 
 
 def run(args: argparse.Namespace, env: RankEnv) -> None:
+    config = RunConfig.from_args(args)
+    config.check()
     workload = load_workload(args.workload)
     provider_for(workload).check_runnable()
-    if args.steps < 0:
-        raise TrainError(f"--steps {args.steps}: must be at least 0")
-    if args.min_bucket_bytes < 0:
-        raise TrainError(f"--min-bucket-bytes {args.min_bucket_bytes}: must be at least 0")
     plans = [load_plan(p) for p in args.plan]
     for plan, path in zip(plans, args.plan):
         check_plan(plan, workload, env.world_size, path)
-    device = choose_device(args.device, env)
-    init_distributed(env, device, args.timeout)
+    device = choose_device(config.device, env)
+    init_distributed(env, device, config.timeout)
     if env.world_size > 1:  # the first collective involves everyone (NCCL's P2P needs it)
         _barrier(device)
-    metrics = MetricsWriter(args.metrics if env.rank == 0 else None)
+    metrics = MetricsWriter(config.metrics if env.rank == 0 else None)
     labels = _plan_labels(args.plan)
     for plan, label in zip(plans, labels):
-        params = train_plan(args, workload, plan, label, env, device, metrics)
+        params = train_plan(config, workload, plan, label, env, device, metrics, len(plans) > 1)
         if params is not None and env.rank == 0:
-            out = Path(args.save) / ("" if len(plans) == 1 else label) / "params.pt"
+            out = Path(str(config.save)) / ("" if len(plans) == 1 else label) / "params.pt"
             save_parameters(out, params)
             log.info("saved %d parameters to %s", len(params), out)
     if env.world_size > 1:
@@ -301,7 +275,7 @@ def _one_line(err: BaseException) -> str:
     as 'lost contact with another rank', anything else with its type."""
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError)):
+    if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError, ConfigError)):
         return first or type(err).__name__
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

@@ -4,6 +4,7 @@ sync buckets, metrics, one rank without torchrun, the launcher's arguments and o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from spindle.plan.layout import (
     slice_rows,
     sync_buckets,
 )
+from spindle.runtime.config import RunConfig
 from spindle.runtime.localise import executing_ranks, localise, rows_on
 from spindle.runtime.metrics import PHASES, RankIteration, combine_ranks
 from spindle.runtime.transmission import TransmissionSchedule
@@ -186,8 +188,8 @@ def test_one_rank_without_torchrun_trains_like_the_reference() -> None:
     from spindle.runtime.reference import train_reference
 
     w = load_workload("tiny-qwen-val")
-    run = TrainingRun(w, demanding_mixed_plan(w, 1), 0, 1, torch.device("cpu"), seed=5,
-                      dtype=torch.float64)
+    run = TrainingRun(w, demanding_mixed_plan(w, 1), 0, 1, torch.device("cpu"),
+                      RunConfig(seed=5, dtype="float64"))
     for step in range(2):
         outcome = run.step(step)
         assert outcome.rank_iteration.bytes_forward == 0
@@ -220,19 +222,39 @@ def test_one_rank_without_torchrun_trains_like_the_reference() -> None:
 
 
 
-def test_spindle_train_carries_its_options_to_every_rank(tmp_path: Path) -> None:
+def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) -> None:
+    """One config object: whatever ``spindle train`` is given reaches the torchrun entry as the
+    same :class:`RunConfig`, field by field (none can be forgotten between them)."""
     from spindle.tools.launcher import add_train_arguments, train_arguments
+    from spindle.tools.train import build_parser
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     plan = tmp_path / "plan.json"
     plain = train_arguments(parser.parse_args(["tiny-ofasys"]), plan)
-    assert "--no-overlap-sync" not in plain and plain[:3] == ["tiny-ofasys", "--plan", str(plan)]
-    after = train_arguments(parser.parse_args(["tiny-ofasys", "--no-overlap-sync"]), plan)
-    assert "--no-overlap-sync" in after
-    from spindle.tools.train import build_parser
+    assert plain == ["tiny-ofasys", "--plan", str(plan)]
+    changed = RunConfig(steps=3, seed=4, lr=0.5, weight_decay=0.25, clip=2.0, dtype="float64",
+                        device="cpu", save="out", metrics="m.jsonl", timeout=9.0,
+                        overlap_sync=False, min_bucket_bytes=7, progress=False)
+    assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(RunConfig))
+    launcher_args = parser.parse_args(["tiny-ofasys", *changed.to_argv()])
+    entry_args = build_parser().parse_args(train_arguments(launcher_args, plan))
+    assert RunConfig.from_args(entry_args) == changed
 
-    assert build_parser().parse_args(after).no_overlap_sync
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--steps", "-1"], "--steps -1"), (["--lr", "nan"], "--lr nan"), (["--timeout", "0"],
+     "--timeout 0"), (["--clip", "-1"], "--clip -1"), (["--min-bucket-bytes", "-2"],
+     "--min-bucket-bytes -2"),
+])
+def test_bad_run_options_are_one_line_before_anything_starts(argv: list[str], needle: str) -> None:
+    from spindle.runtime.config import ConfigError
+    from spindle.tools.launcher import add_train_arguments, run_train_command
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    with pytest.raises(ConfigError, match=needle):
+        run_train_command(parser.parse_args(["tiny-ofasys", "--nproc", "1", *argv]))
 
 
 def test_launcher_hides_torchrun_report_but_not_rank_lines() -> None:

@@ -1,0 +1,122 @@
+"""The settings of one training run, described once.
+
+:class:`RunConfig` is what ``spindle train`` (the launcher), ``python -m spindle.train`` (the
+torchrun entry, on every rank) and :class:`spindle.runtime.executor.TrainingRun` share: the
+launcher and the entry build their command-line options from its fields
+(:meth:`RunConfig.add_arguments`), and the launcher hands the ranks exactly the options that
+reproduce its config (:meth:`RunConfig.to_argv`), so an option can never be known to one and
+forgotten by the other.  :meth:`RunConfig.check` refuses a bad value in one line before any
+process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spindle.plan.layout import SYNC_MIN_BUCKET_BYTES
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run setting that cannot be used; the message is one line naming the option."""
+
+
+def _opt(help: str, flag: str | None = None, **argparse_kwargs: Any) -> Any:
+    """Field metadata: the option's help, its flag (default ``--field-name``) and argparse's
+    other keywords (``choices``, ``metavar``)."""
+    return {"help": help, "flag": flag, "argparse": argparse_kwargs}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run (module docstring).  Defaults are the documented ones."""
+
+    steps: int = field(default=10, metadata=_opt(
+        "optimizer steps (the run's total)"))
+    seed: int = field(default=0, metadata=_opt("initialisation and data seed"))
+    lr: float = field(default=1e-3, metadata=_opt("AdamW learning rate"))
+    weight_decay: float = field(default=0.01, metadata=_opt("AdamW weight decay"))
+    clip: float = field(default=1.0, metadata=_opt(
+        "clip the gradients to this global 2-norm (every parameter counted once)"))
+    dtype: str = field(default="float32", metadata=_opt(
+        "parameter and compute dtype", choices=sorted(DTYPES)))
+    device: str = field(default="auto", metadata=_opt(
+        "auto: CUDA (NCCL) when available, else CPU (gloo)", choices=DEVICES))
+    save: str | None = field(default=None, metadata=_opt(
+        "write the trained parameters to DIR/params.pt (logical name -> tensor)",
+        metavar="DIR"))
+    metrics: str | None = field(default=None, metadata=_opt(
+        "append one JSON line per iteration (rank 0)", metavar="FILE"))
+    timeout: float = field(default=120.0, metadata=_opt(
+        "seconds a collective may wait before the job fails"))
+    overlap_sync: bool = field(default=True, metadata=_opt(
+        "all-reduce the gradients after the whole backward instead of each bucket as soon as"
+        " the backward waves have made it final", flag="--no-overlap-sync"))
+    min_bucket_bytes: int = field(default=SYNC_MIN_BUCKET_BYTES, metadata=_opt(
+        f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
+        f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)", metavar="N"))
+    progress: bool = field(default=True, metadata=_opt("no progress bar", flag="--no-progress"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for the first value that cannot be used."""
+        if self.steps < 0:
+            raise ConfigError(f"--steps {self.steps}: must be at least 0")
+        for name in ("lr", "weight_decay", "clip", "timeout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name != "weight_decay"):
+                what = "at least 0" if name == "weight_decay" else "above 0"
+                raise ConfigError(f"{_flag(name)} {value}: must be a finite number {what}")
+        if self.min_bucket_bytes < 0:
+            raise ConfigError(f"--min-bucket-bytes {self.min_bucket_bytes}: must be at least 0")
+
+    # --- the command line ----------------------------------------------------------------------
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """One option per field (a boolean field that defaults to True is a ``--no-...``
+        switch)."""
+        for f in dataclasses.fields(RunConfig):
+            meta = f.metadata
+            flag = meta["flag"] or _flag(f.name)
+            if f.type == "bool":
+                parser.add_argument(flag, dest=f.name, action="store_false", help=meta["help"])
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                                help=_with_default(meta["help"], f.default), **meta["argparse"])
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> "RunConfig":
+        return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+
+    def to_argv(self) -> list[str]:
+        """The options that give this config to :meth:`from_args` (defaults left out)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = f.metadata["flag"] or _flag(f.name)
+            out += [flag] if f.type == "bool" else [flag, str(value)]
+        return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _with_default(help: str, default: object) -> str:
+    return help if default is None or "default" in help else f"{help} (default {default})"
