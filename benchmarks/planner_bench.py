@@ -20,7 +20,7 @@ from spindle.planner.pipeline import BASELINES, evaluate, make_context
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
          "qwen-val-3"]
-# the paper's reported speedups over the sequential systems (SPINDLE.md section 9)
+# the paper's reported speedups over the sequential systems (docs/method.md section 9)
 PAPER_NOTE = {
     ("multitask-clip-10", 32): "1.31-1.71x (10-task CLIP / 7-task OFASys range)",
     ("ofasys-7", 32): "1.31-1.71x (10-task CLIP / 7-task OFASys range)",
@@ -42,8 +42,9 @@ def generated_workload(num_tasks: int, seed: int = 0) -> Workload:
     for t in range(num_tasks):
         a, b = rng.sample(sorted(comps), 2)
         tasks.append({"name": f"t{t}", "batch_size": rng.choice([64, 128, 256, 512]),
-                      "stages": [{"name": "a", "component": a, "tokens": rng.choice([77, 197, 257])},
-                                 {"name": "b", "component": b, "tokens": rng.choice([77, 197, 257])}],
+                      "stages": [
+                          {"name": "a", "component": a, "tokens": rng.choice([77, 197, 257])},
+                          {"name": "b", "component": b, "tokens": rng.choice([77, 197, 257])}],
                       "loss": {"type": "contrastive", "inputs": ["a", "b"]}})
     return workload_from_dict({"name": f"generated-{num_tasks}", "components": comps,
                                "tasks": tasks})
@@ -58,7 +59,8 @@ def main() -> None:
 
     planners = ("spindle",) + BASELINES
     header = ("| workload | N | " + " | ".join(f"{p} (ms)" for p in planners)
-              + " | speedup vs seq | sched/C* | sched/LB | makespan/LB' | waves | plan (s) | paper |")
+              + " | speedup vs seq | sched/C* | sched/LB | makespan/LB' | waves | plan (s)"
+              " | paper |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     worst_cstar = 0.0
     worst_plan = 0.0

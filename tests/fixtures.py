@@ -2,6 +2,7 @@
 
 * :func:`random_workload`: multi-task workloads of any size (planning-time and placement
   checks; ``benchmarks/placement_bench.py`` uses it too);
+* :func:`profile_args`: ``spindle profile``'s parsed arguments;
 * :func:`synthetic_graph`: a MetaGraph written directly as layer counts, batches and
   dependencies (hand-written problems, brute force, property tests), with
   :func:`alpha_beta_estimator`, a T_m(n) that is not fitted to anything.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 from typing import Any
 
@@ -20,6 +22,7 @@ from spindle.declare.workload import LayerRef, Workload, workload_from_dict
 from spindle.layers import costmodel
 from spindle.layers.blocks import Block
 from spindle.plan.contract import MetaOp, OpCost
+from spindle.tools.profile import add_profile_arguments
 
 with torch.device("meta"):
     _LAYER_PARAMS = sum(p.numel() for p in Block("encoder", 64, 1, 256).parameters())
@@ -42,7 +45,7 @@ _ENCODER_SHAPES = ((384, 6), (512, 8), (768, 12), (1024, 16), (1280, 16))
 
 def random_workload(num_tasks: int, seed: int = 0) -> Workload:
     """A synthetic multi-task workload of ``num_tasks`` tasks over shared components, mixing the
-    three shapes of SPINDLE.md section 9: contrastive pairs of encoders (two levels), adaptor ->
+    three shapes of docs/method.md section 9: contrastive pairs of encoders (two levels), adaptor ->
     encoder -> decoder tasks (three levels) and encoders feeding a decoder-only LLM (two levels).
     Layer counts, widths, batch sizes and sequence lengths are drawn from ``seed``."""
     if num_tasks < 1:
@@ -111,7 +114,8 @@ def synthetic_graph(
     """A MetaGraph of ``len(layers)`` MetaOps written directly: MetaOp i has ``layers[i]`` layers,
     batch ``batches[i]`` (default 64), depends on the earlier MetaOps ``deps[i]`` and belongs to
     task ``tasks[i]`` (default: one task per MetaOp).  Levels are BFS depths, as in
-    :func:`spindle.costs.graph.contract`.  The graph has no workload (``graph.workload is None``); pair
+    :func:`spindle.costs.graph.contract`.  The graph has no workload (``graph.workload is None``);
+    pair
     it with a :class:`spindle.costs.estimator.TableEstimator`."""
     count = len(layers)
     deps = deps if deps is not None else [()] * count
@@ -156,3 +160,10 @@ def alpha_beta_estimator(
         tables[m.id] = {n: overhead_s + w / n + (c if n > 1 else 0.0) for n in counts}
         sync[m.id] = {n: (c if n > 1 else 0.0) for n in counts}
     return TableEstimator(tables, sync)
+
+
+def profile_args(*argv: str) -> argparse.Namespace:
+    """``spindle profile ARGV``'s parsed arguments."""
+    parser = argparse.ArgumentParser()
+    add_profile_arguments(parser)
+    return parser.parse_args(list(argv))

@@ -22,7 +22,7 @@ from spindle.costs.graph import contract
 from spindle.declare.workload import Workload
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, Slice, Wave
-from spindle.planner.placement import place_naive
+from spindle.planner.baselines import place_naive
 
 WORKLOADS = ("tiny-multitask-clip", "tiny-ofasys", "tiny-qwen-val")
 WORLD_SIZES = (1, 2, 4)

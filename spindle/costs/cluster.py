@@ -3,7 +3,7 @@
 A :class:`Cluster` is a :class:`spindle.costs.hardware.HardwareModel` (one device kind and its
 interconnect: device memory, intra-node (NVLink) and inter-node (InfiniBand) bandwidth and
 latency, devices per node) together with a device count, plus the training precision, which the
-memory model needs.  Every figure comes from the hardware preset (``spindle/data/hardware.yaml``,
+memory model needs.  Every figure comes from the hardware preset (``spindle/costs/hardware.yaml``,
 each constant beside its source) unless a cluster file overrides it; nothing is duplicated here.
 
 Three ways to describe one, all ending in :func:`load_cluster`:
@@ -189,7 +189,7 @@ def cluster_from_dict(
     if spec.inter_node_latency_us is not None:
         overrides["inter_node_latency_s"] = spec.inter_node_latency_us * 1e-6
     if overrides:
-        hw = dataclasses.replace(hw, **overrides)
+        hw = dataclasses.replace(hw, **overrides)  # type: ignore[arg-type]
     if num_devices is None and nodes is None:
         num_devices, nodes = spec.num_devices, spec.nodes
     return cluster_from_hardware(hw, num_devices, nodes, spec.devices_per_node, spec.precision,

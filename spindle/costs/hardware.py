@@ -1,6 +1,6 @@
 """Hardware model: per-device compute and collective speed of a GPU (or CPU) cluster.
 
-The figures live in a data file (``spindle/data/hardware.yaml``), one preset per machine kind,
+The figures live in a data file (``spindle/costs/hardware.yaml``), one preset per machine kind,
 every constant written beside its published source (or marked as our assumption / a
 placeholder).  :func:`load_hardware` reads a shipped preset by name or any YAML file of the same
 shape, validates it, and returns a :class:`HardwareModel`, which answers three questions for
@@ -75,10 +75,12 @@ class HardwareModel:
 
     def bandwidth(self, n: int) -> float:
         """Bus bandwidth of a ring over ``n`` devices (intra-node if it fits in one node)."""
-        return self.intra_node_bandwidth if n <= self.devices_per_node else self.inter_node_bandwidth
+        inside = n <= self.devices_per_node
+        return self.intra_node_bandwidth if inside else self.inter_node_bandwidth
 
     def latency(self, n: int) -> float:
-        return self.intra_node_latency_s if n <= self.devices_per_node else self.inter_node_latency_s
+        inside = n <= self.devices_per_node
+        return self.intra_node_latency_s if inside else self.inter_node_latency_s
 
     def allreduce_time(self, nbytes: float, n: int) -> float:
         """Ring all-reduce of ``nbytes`` over ``n`` devices: 0 at n = 1, else
@@ -97,7 +99,8 @@ class HardwareModel:
 
     def with_devices_per_node(self, devices_per_node: int) -> "HardwareModel":
         if devices_per_node < 1:
-            raise HardwareError(f"{self.name}: devices_per_node must be >= 1 (got {devices_per_node})")
+            raise HardwareError(
+                f"{self.name}: devices_per_node must be >= 1 (got {devices_per_node})")
         return dataclasses.replace(self, devices_per_node=devices_per_node)
 
 
@@ -154,7 +157,8 @@ _SOURCED_FIELDS = tuple(f for f in _HardwareSpec.model_fields if f != "descripti
 
 
 def hardware_from_dict(name: str, data: Any, source: str = "<hardware>") -> HardwareModel:
-    """Validate one preset's mapping (``{field: {value, source}}``) into a :class:`HardwareModel`."""
+    """Validate one preset's mapping (``{field: {value, source}}``) into a
+    :class:`HardwareModel`."""
     if not isinstance(data, dict):
         raise HardwareError(f"{source}: {name}: expected a mapping of fields")
     try:

@@ -2,10 +2,11 @@
 
 Per device, two parts:
 
-* **Model states** of every logical parameter the device holds (the parameters of every
-  operator it executes): the weights, their gradients and the AdamW states.  A parameter used
-  by several MetaOps or tasks on the same device (a shared component layer) is counted **once**
-  on that device, as the runtime builds it once.  Bytes per parameter (:class:`MemoryModel`):
+* **Model states** of every parameter the device holds (the parameters of the modules of every
+  operator it executes, by module path: :attr:`spindle.costs.graph.MetaGraph.parameter_index`, the
+  index the runtime uses too): the weights, their gradients and the AdamW states.  A parameter used
+  by several MetaOps or tasks on the same device (a shared component layer) is counted **once** on
+  that device, as the runtime builds it once.  Bytes per parameter (:class:`MemoryModel`):
 
   - ``bf16-mixed`` (GPU): bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + fp32
     exp_avg 4 + fp32 exp_avg_sq 4 = 16 B/param, the accounting of mixed-precision Adam training
@@ -324,7 +325,7 @@ def memory_report(
 
 def pool_sizes(plan: Plan, index: ParameterIndex) -> dict[tuple[int, ...], float]:
     """Device group -> parameters held by exactly those devices (the runtime's pools D -> {W},
-    SPINDLE.md section 8.3).  A contrastive-loss slice counts only its executing device."""
+    docs/method.md section 8.3).  A contrastive-loss slice counts only its executing device."""
     holds, _ = parameter_use(plan, index)
     return {group: float(index.sizes[ids].sum())
             for group, ids in parameter_pools(holds).items()}

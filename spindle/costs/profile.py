@@ -99,7 +99,8 @@ class CollectiveFit:
         if len(self.samples) < 2:
             return self.allreduce_time(nbytes, n)
         equiv = nbytes * ring_factor(n) / ring_factor(self.processes)
-        return interpolate_samples(self.samples, equiv, self.bandwidth / ring_factor(self.processes))
+        bandwidth = self.bandwidth / ring_factor(self.processes)
+        return interpolate_samples(self.samples, equiv, bandwidth)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Fitted scalability estimator: the piecewise alpha-beta model T_m(n) of SPINDLE.md section 4.
+"""Fitted scalability estimator: the piecewise alpha-beta model T_m(n) of docs/method.md section 4.
 
 For one layer of MetaOp m on n data-parallel devices:
 
@@ -19,7 +19,8 @@ Fitting.  Each range gets non-negative coefficients by least squares on relative
 by 2 points, its split into a / b / b' is not.  The all-reduce part is therefore fitted on its own
 (a second fit on the sync points, whose only features are 1 and c(n)), not read off b.  A range
 with fewer than 2 points of its own borrows the nearest point of another range at weight 1e-3:
-its own point is still reproduced, the borrowed one only picks among the many exact solutions.  A range with no point at all takes the coefficients of the nearest fitted range below
+its own point is still reproduced, the borrowed one only picks among the many exact solutions.
+A range with no point at all takes the coefficients of the nearest fitted range below
 it (above, if none is below), i.e. the model extrapolates.
 
 Monotonicity.  The allocator needs T_m positive and non-increasing in n.  After the fit,
@@ -32,7 +33,8 @@ clip, ``time = compute_time + sync_time``; where it did, the simulator, which ch
 and the real synchronisation separately, still sees the physics of n devices.
 
 Point sources.  :class:`HardwarePoints` evaluates the analytic hardware model of
-:mod:`spindle.costs.hardware`; :class:`ProfilePoints` reads measured points (``spindle profile``) and
+:mod:`spindle.costs.hardware`; :class:`ProfilePoints` reads measured points (``spindle profile``)
+and
 falls back to a hardware model for MetaOp signatures the profile lacks.
 """
 
@@ -251,7 +253,8 @@ class ProfilePoints:
     def points(self, op: MetaOp, max_n: int) -> SourcePoints:
         entry = self.profile.entry(signature(op))
         if entry is not None:
-            scale = op.cost.flops_per_layer / entry.flops_per_layer if entry.flops_per_layer > 0 else 1.0
+            scale = (op.cost.flops_per_layer / entry.flops_per_layer
+                     if entry.flops_per_layer > 0 else 1.0)
             if getattr(entry, "measurement", "block") == "chain":
                 if math.isclose(scale, 1.0, rel_tol=1e-9):
                     scale = 1.0  # the measured chain is this MetaOp's: as is
@@ -274,7 +277,8 @@ class ProfilePoints:
                 )
             return SourcePoints(pts, self.profile.grad_bytes, f"profile:{self.profile.source}")
         if self.fallback is None:
-            raise KeyError(f"profile {self.profile.source} has no entry for {op.name} {signature(op)}"
+            raise KeyError(
+                f"profile {self.profile.source} has no entry for {op.name} {signature(op)}"
                            " and there is no hardware model to fall back to")
         self._warn_once(
             op, f"not in the profile; using hardware model '{self.fallback.name}'", logging.WARNING
@@ -337,9 +341,6 @@ class FittedEstimator:
             self._tables[key] = tab
         return tab
 
-    def fit(self, op: MetaOp) -> PiecewiseAlphaBeta:
-        return self.table(op).model
-
     def _fit(self, op: MetaOp) -> FittedTable:
         cap = op.batch if self.max_devices is None else min(op.batch, self.max_devices)
         sp = self.source.points(op, cap)
@@ -348,15 +349,18 @@ class FittedEstimator:
         top = max(counts[-1], max(p.n for p in sp.points))
         uppers = default_uppers(top, self.devices_per_node)
         work = op.cost.flops_per_layer
-        model = PiecewiseAlphaBeta.fit([(p.n, p.total_s) for p in sp.points], work, sync_bytes, uppers)
+        model = PiecewiseAlphaBeta.fit([(p.n, p.total_s) for p in sp.points], work, sync_bytes,
+                                       uppers)
         sync_pts = [(p.n, p.sync_s) for p in sp.points if p.sync_s > 0]
         if sync_pts:
             sync_model = PiecewiseAlphaBeta.fit(sync_pts, 0.0, sync_bytes, uppers)
         else:
-            sync_model = PiecewiseAlphaBeta(0.0, sync_bytes, uppers, ((0.0, 0.0, 0.0),) * len(uppers))
+            sync_model = PiecewiseAlphaBeta(0.0, sync_bytes, uppers,
+                                            ((0.0, 0.0, 0.0),) * len(uppers))
         err = model.max_relative_error()
         if err > 0.05:
-            log.warning("MetaOp %s: piecewise fit misses its points by up to %.1f%%", op.name, 100 * err)
+            log.warning("MetaOp %s: piecewise fit misses its points by up to %.1f%%", op.name,
+                        100 * err)
         times: list[float] = []
         computes: list[float] = []
         syncs: list[float] = []

@@ -166,7 +166,8 @@ class Workload(_Strict):
 
     def stage_output_tokens(self, task: Task) -> dict[str, int]:
         seq = self.stage_tokens(task)
-        return {st.name: st.pool_to if st.pool_to is not None else seq[st.name] for st in task.stages}
+        return {st.name: st.pool_to if st.pool_to is not None else seq[st.name]
+                for st in task.stages}
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

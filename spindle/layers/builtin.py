@@ -217,7 +217,9 @@ class BuiltinProvider(LayerProvider):
             if comp.input is not None and comp.input.type == "tokens":
                 pieces.append(adapter(raw))
             else:  # features: follow the parameters' dtype (the data is float32)
-                pieces.append(adapter(raw.to(adapter.weight.dtype)))
+                weight = adapter.weight
+                assert isinstance(weight, torch.Tensor)
+                pieces.append(adapter(raw.to(weight.dtype)))
         x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
         expect = self.workload.stage_tokens(task)[st.name]
         if x.shape[1] != expect:

@@ -25,7 +25,9 @@ def layer_forward_flops(
     return float(proj + attn + mlp + cross)
 
 
-def layer_train_flops(kind: str, hidden: int, ffn: int, tokens: int, memory_tokens: int = 0) -> float:
+def layer_train_flops(
+    kind: str, hidden: int, ffn: int, tokens: int, memory_tokens: int = 0
+) -> float:
     """Forward + backward FLOPs (backward = 2x forward) of one block for one sample."""
     return 3.0 * layer_forward_flops(kind, hidden, ffn, tokens, memory_tokens)
 

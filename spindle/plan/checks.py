@@ -60,7 +60,8 @@ def validate_plan(
             )
         for got, exp in zip(plan.metaops, expected):
             if got != exp:
-                raise PlanError(f"{where}: MetaOp {got.id} ('{got.name}') does not match the workload")
+                raise PlanError(
+                    f"{where}: MetaOp {got.id} ('{got.name}') does not match the workload")
     for m in plan.metaops:
         for d in m.deps:
             if not 0 <= d < m.id:
@@ -104,4 +105,5 @@ def validate_plan(
     for m in plan.metaops:
         for layer in range(m.num_layers):
             if (m.id, layer) not in done:
-                raise PlanError(f"{where}: layer {layer} of MetaOp {m.id} ('{m.name}') is never scheduled")
+                raise PlanError(
+                    f"{where}: layer {layer} of MetaOp {m.id} ('{m.name}') is never scheduled")

@@ -171,7 +171,6 @@ class Plan:
                     f"{source}: plan version {d.get('version')!r} is not supported (this Spindle"
                     f" reads version {PLAN_VERSION}; make the plan again with `spindle plan`)"
                 )
-            cost_fields = {f.name: f.type for f in dataclasses.fields(OpCost)}
             metaops = tuple(
                 MetaOp(
                     id=int(m["id"]), name=str(m["name"]), task=str(m["task"]),
@@ -179,8 +178,7 @@ class Plan:
                     level=int(m["level"]), deps=tuple(int(x) for x in m["deps"]),
                     layers=tuple(LayerRef(str(r["task"]), str(r["stage"]), str(r["component"]),
                                           int(r["layer"])) for r in m["layers"]),
-                    cost=OpCost(**{k: (int if cost_fields[k] == "int" else float)(v)
-                                   for k, v in dict(m["cost"]).items()}),
+                    cost=_cost_from_dict(dict(m["cost"])),
                 )
                 for m in d["metaops"]
             )
@@ -208,3 +206,12 @@ class Plan:
             what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             raise PlanError(f"{source}: malformed plan: {what}") from None
         return plan
+
+
+def _cost_from_dict(d: dict[str, Any]) -> OpCost:
+    """An :class:`OpCost` from its JSON object (each field cast to its declared type)."""
+    kinds = {f.name: (int if f.type == "int" else float) for f in dataclasses.fields(OpCost)}
+    unknown = sorted(set(d) - set(kinds))
+    if unknown:
+        raise PlanError(f"unknown MetaOp cost field '{unknown[0]}'")
+    return OpCost(**{k: kinds[k](v) for k, v in d.items()})  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ Everything here follows from the plan alone (no torch):
   that executes an operator using it; its *ready wave* is the earliest wave using it (backward
   runs the waves in reverse, so its gradient is final after that wave's backward)
   (:func:`parameter_use`).  Keys with the same group form a pool.
-* **Sync buckets.**  Each pool's keys (pools by size, then devices), by descending ready wave then name, are cut into buckets
+* **Sync buckets.**  Each pool's keys (pools by size, then devices), by descending ready wave
+  then name, are cut into buckets
   of at most ``bucket_bytes`` that also end where the ready wave changes once they hold
   ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by
   descending ready wave (:func:`sync_buckets`).
@@ -213,7 +214,7 @@ def parameter_use(plan: Plan, index: ParameterIndex) -> tuple[np.ndarray, np.nda
 
 
 def parameter_pools(holds: np.ndarray) -> dict[tuple[int, ...], list[int]]:
-    """Device group -> the keys held by exactly those devices (SPINDLE.md section 8.3's pools
+    """Device group -> the keys held by exactly those devices (docs/method.md section 8.3's pools
     D -> {W}), in the order of their first key; keys in id order."""
     pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for pid in np.flatnonzero(holds.any(axis=1)).tolist():

@@ -1,6 +1,6 @@
 """Resource allocator for one MetaLevel: the relaxed optimum C* and its bi-point ASL tuples.
 
-SPINDLE.md section 5.  For a set of MetaOps that do not depend on each other, the continuous
+docs/method.md section 5.  For a set of MetaOps that do not depend on each other, the continuous
 relaxation (real device counts n, real layer counts) is solved exactly: every MetaOp starts at 0
 and ends at C*, with ``L_m * T_m(n*_m) = C*`` and ``sum_m n*_m = N``.  ``T_m`` between two valid
 device counts is interpolated linearly, and inverting it at ``C / L_m`` gives the real n a MetaOp

@@ -17,6 +17,10 @@ smallest count all its MetaOps can run on; when the tasks' minimum shares exceed
 *rounds* (as many tasks side by side as fit, the next round after).  Side-by-side tasks become
 waves the way a synchronous runtime runs them: a wave starts wherever some task moves to its next
 MetaOp, and each layer belongs to the wave in which it would start on its task's own timeline.
+
+:func:`place_naive` is the placement Spindle's is compared with (the *sequential placement*):
+within a wave, slices take consecutive device ids in order, except that a slice whose MetaOp ran
+in the previous wave on a group of the same size keeps those devices when they are free.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def sequential(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list
         n = _largest_valid(m, estimator, num_devices)
         assert n is not None
         t = estimator.time(m, n)
-        waves.append(Wave((Slice(m.id, 0, m.num_layers, count=n, time_s=m.num_layers * t),), m.level))
+        waves.append(Wave((Slice(m.id, 0, m.num_layers, count=n, time_s=m.num_layers * t),),
+                          m.level))
     return waves
 
 
@@ -277,7 +282,39 @@ def _proportional_wave(
         free -= c - n[m.id]
         n[m.id] = c
     slices = tuple(
-        Slice(m.id, 0, m.num_layers, count=n[m.id], time_s=m.num_layers * estimator.time(m, n[m.id]))
+        Slice(m.id, 0, m.num_layers, count=n[m.id],
+              time_s=m.num_layers * estimator.time(m, n[m.id]))
         for m in group
     )
     return Wave(slices, level)
+
+
+# --- the sequential placement -------------------------------------------------------------------
+
+
+def place_naive(waves: list[Wave], num_devices: int) -> list[Wave]:
+    """The sequential placement (see the module docstring); it does not look at memory."""
+    placed: list[Wave] = []
+    last_devices: dict[int, tuple[int, ...]] = {}
+    for spec in waves:
+        if spec.devices_used > num_devices:
+            raise BaselineError(
+                f"wave uses {spec.devices_used} devices, only {num_devices} exist")
+        free = list(range(num_devices))
+        chosen: dict[int, tuple[int, ...]] = {}
+        # first, slices that can stay where their MetaOp already is
+        for i, s in enumerate(spec.slices):
+            prev = last_devices.get(s.metaop)
+            if prev is not None and len(prev) == s.n and all(d in free for d in prev):
+                chosen[i] = prev
+                for d in prev:
+                    free.remove(d)
+        for i, s in enumerate(spec.slices):
+            if i not in chosen:
+                chosen[i] = tuple(free[: s.n])
+                del free[: s.n]
+        slices = tuple(s.placed_on(chosen[i]) for i, s in enumerate(spec.slices))
+        for s in slices:
+            last_devices[s.metaop] = s.devices
+        placed.append(Wave(slices=slices, level=spec.level))
+    return placed

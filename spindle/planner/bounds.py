@@ -1,6 +1,6 @@
 """Reference makespans for judging a schedule: the relaxed optimum and true lower bounds.
 
-* :func:`relaxed_optimum` is the paper's yardstick (SPINDLE.md sections 5 and 9): the sum over
+* :func:`relaxed_optimum` is the paper's yardstick (docs/method.md sections 5 and 9): the sum over
   MetaLevels of each level's C*.  It is *not* a lower bound.  Between two valid device counts the
   relaxation interpolates T linearly, which for a convex T (the usual ``a + w/n`` shape) charges
   more device-time than running some layers on each of the two counts, so a bi-point schedule of
@@ -111,8 +111,3 @@ def level_lower_bound(metaops: list[MetaOp], estimator: Estimator, num_devices: 
         if hi - lo <= 1e-12 * hi:
             break
     return lo
-
-
-def lower_bound(graph: MetaGraph, estimator: Estimator, num_devices: int) -> float:
-    """The same as :func:`global_lower_bound` (the name the planning pipeline uses)."""
-    return global_lower_bound(graph, estimator, num_devices)

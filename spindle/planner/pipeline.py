@@ -4,11 +4,11 @@ This is the one function the CLI, the launcher and the benchmarks call; it times
 and keeps the pieces (graph, estimator, cluster, links) a caller needs to simulate or inspect
 the plan.
 
-Placement is Spindle's topology- and memory-aware :func:`spindle.planner.placement.place` by default;
-``placement="naive"`` keeps :func:`spindle.planner.placement.place_naive` (the sequential placement) for
-comparison.  With ``check_memory`` (default) a plan whose devices do not fit their memory is
-refused with one :class:`spindle.planner.placement.PlacementError` line; without it the plan is kept and
-:attr:`PlanResult.memory` says which devices overflow.
+Placement is Spindle's topology- and memory-aware :func:`spindle.planner.placement.place` by
+default; ``placement="naive"`` keeps :func:`spindle.planner.baselines.place_naive` (the sequential
+placement) for comparison.  With ``check_memory`` (default) a plan whose devices do not fit their
+memory is refused with one :class:`spindle.planner.placement.PlacementError` line; without it the
+plan is kept and :attr:`PlanResult.memory` says which devices overflow.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from spindle.plan.checks import validate_plan
 from spindle.plan.contract import MetaOp, Plan
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
-from spindle.planner.placement import PlacementError, place, place_naive
+from spindle.planner.baselines import place_naive
+from spindle.planner.placement import PlacementError, place
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
 from spindle.planner.simulator import (
     Links,

@@ -1,4 +1,5 @@
-"""Device placement: map each wave's device groups onto concrete devices (SPINDLE.md section 7).
+"""Device placement: map each wave's device groups onto concrete devices (docs/method.md
+section 7).
 
 Two placements turn a planner's unplaced waves (:class:`spindle.plan.contract.Wave`) into
 :class:`spindle.plan.contract.Wave` lists:
@@ -23,8 +24,8 @@ Two placements turn a planner's unplaced waves (:class:`spindle.plan.contract.Wa
      (regret).  It takes the best node with enough free devices (best fit on ties, so whole
      nodes stay free for big groups), else the fewest, best nodes; free memory breaks the
      remaining ties (the device with most free memory);
-  4. inside the group, devices take the row positions (``transfer_rows`` order) that overlap
-     the rows they already hold, then those held inside their node.
+  4. inside the group, devices take the row positions (:func:`spindle.plan.layout.slice_rows`
+     order) that overlap the rows they already hold, then those held inside their node.
 
   Memory (:class:`spindle.costs.memory.MemoryLedger`): a device is a candidate only if the slice's
   new parameters, saved activations and transient still fit.  When a slice cannot be placed,
@@ -68,6 +69,7 @@ from spindle.plan.layout import (
     slice_inputs,
     value_elements,
 )
+from spindle.planner.baselines import place_naive
 from spindle.planner.simulator import Communication, communication, links_for_cluster
 
 log = logging.getLogger(__name__)
@@ -76,34 +78,6 @@ log = logging.getLogger(__name__)
 class PlacementError(ValueError):
     """No placement fits: the message is one line naming the device, its MetaOps and the
     shortfall."""
-
-
-def place_naive(waves: list[Wave], num_devices: int) -> list[Wave]:
-    """The sequential placement (see the module docstring); it does not look at memory."""
-    placed: list[Wave] = []
-    last_devices: dict[int, tuple[int, ...]] = {}
-    for spec in waves:
-        if spec.devices_used > num_devices:
-            raise PlacementError(
-                f"wave uses {spec.devices_used} devices, only {num_devices} exist")
-        free = list(range(num_devices))
-        chosen: dict[int, tuple[int, ...]] = {}
-        # first, slices that can stay where their MetaOp already is
-        for i, s in enumerate(spec.slices):
-            prev = last_devices.get(s.metaop)
-            if prev is not None and len(prev) == s.n and all(d in free for d in prev):
-                chosen[i] = prev
-                for d in prev:
-                    free.remove(d)
-        for i, s in enumerate(spec.slices):
-            if i not in chosen:
-                chosen[i] = tuple(free[: s.n])
-                del free[: s.n]
-        slices = tuple(s.placed_on(chosen[i]) for i, s in enumerate(spec.slices))
-        for s in slices:
-            last_devices[s.metaop] = s.devices
-        placed.append(Wave(slices=slices, level=spec.level))
-    return placed
 
 
 # --- Spindle's placement ----------------------------------------------------------------------
@@ -327,9 +301,9 @@ class _Placer:
             add = self.ledger.added_bytes(s.metaop, s.layer_start, s.layer_end, s.n)
             fits = add <= room
             if p.keep and mode == LOCALITY:
-                prev = np.asarray(self.last[m.id])
-                if free[prev].all() and fits[prev[:n_exec]].all():
-                    self._commit(chosen, placed_now, free, i, s, tuple(int(d) for d in prev))
+                kept = np.asarray(self.last[m.id])
+                if free[kept].all() and fits[kept[:n_exec]].all():
+                    self._commit(chosen, placed_now, free, i, s, tuple(int(d) for d in kept))
                     continue
             avail = free & fits
             if int(avail.sum()) < n_exec:

@@ -1,6 +1,6 @@
 """Wavefront scheduler: turn a MetaGraph into waves of MetaOp slices on disjoint device groups.
 
-SPINDLE.md section 6.  Per MetaLevel, repeat until the level has no layers left:
+docs/method.md section 6.  Per MetaLevel, repeat until the level has no layers left:
 
 1. *propose*: solve the level's relaxation on the layers still to schedule
    (:mod:`spindle.planner.allocator`) and take each MetaOp's bi-point pair ``n_lo <= n* <= n_hi``;
@@ -26,8 +26,8 @@ Where we depart from the paper (each keeps every invariant of a valid plan):
   instead of the encoders').
 * **Filling idle devices across levels.**  Devices the current level cannot use go to MetaOps of
   later levels whose producers all finished in earlier waves (as many layers as fit in the wave);
-  the potential counts their progress too.  SPINDLE.md section 10 names the idle level boundary as
-  open; this closes part of it without giving up the per-level relaxation.
+  the potential counts their progress too.  docs/method.md section 10 names the idle level boundary
+  as open; this closes part of it without giving up the per-level relaxation.
 * **Portfolio.**  The schedule is built with a few variants (with and without rebalancing, and
   the paper's shortest-tuple alignment) and the shortest is returned; planning takes milliseconds.
 * **Merging.**  Consecutive waves merge when every MetaOp in both uses the same n, the union fits
@@ -56,6 +56,7 @@ from spindle.planner.allocator import (
     relaxed_optimum,
     scaling_curves,
 )
+from spindle.planner.levels import rebalance_levels
 
 log = logging.getLogger(__name__)
 
@@ -409,63 +410,6 @@ def _fill(
     return out
 
 
-def rebalance_levels(
-    graph: MetaGraph, curves: dict[int, ScalingCurve], num_devices: int, max_passes: int = 8
-) -> dict[int, int]:
-    """A levelling (MetaOp id -> level) with every MetaOp strictly after its producers, found by
-    moving MetaOps within their slack while the sum of per-level C* drops (starts from BFS)."""
-    ops = graph.metaops
-    level = {m.id: m.level for m in ops}
-    if not ops:
-        return level
-    consumers: dict[int, list[int]] = {m.id: [] for m in ops}
-    for m in ops:
-        for d in m.deps:
-            consumers[d].append(m.id)
-    n_levels = 1 + max(level.values())
-    members: list[list[int]] = [[] for _ in range(n_levels)]
-    for m in ops:
-        members[m.level].append(m.id)
-
-    def cstar(ids: list[int]) -> float:
-        if not ids:
-            return 0.0
-        return relaxed_optimum([curves[i] for i in ids], [ops[i].num_layers for i in ids],
-                               num_devices)[0]
-
-    value = [cstar(ms) for ms in members]
-    for _ in range(max_passes):
-        moved = False
-        for m in ops:
-            lo = max((level[d] + 1 for d in m.deps), default=0)
-            hi = min((level[c] - 1 for c in consumers[m.id]), default=n_levels - 1)
-            cur = level[m.id]
-            if lo == hi == cur:
-                continue
-            without = cstar([j for j in members[cur] if j != m.id])
-            best: tuple[float, int, float] | None = None
-            for lv in range(lo, hi + 1):
-                if lv == cur:
-                    continue
-                with_m = cstar(members[lv] + [m.id])
-                delta = (without + with_m) - (value[cur] + value[lv])
-                if delta < -1e-9 * max(value[cur], 1e-30) and (best is None or delta < best[0]):
-                    best = (delta, lv, with_m)
-            if best is not None:
-                _, lv, with_m = best
-                members[cur].remove(m.id)
-                members[lv].append(m.id)
-                value[cur], value[lv] = without, with_m
-                level[m.id] = lv
-                moved = True
-        if not moved:
-            break
-    # drop levels left empty, keeping the order
-    used = sorted(set(level.values()))
-    renumber = {lv: k for k, lv in enumerate(used)}
-    return {i: renumber[lv] for i, lv in level.items()}
-
-
 def merge_waves(
     waves: list[Wave], graph: MetaGraph, num_devices: int, across_levels: bool = True
 ) -> list[Wave]:
@@ -505,6 +449,7 @@ def _merged(a: Wave, b: Wave) -> Wave:
         if t is None:
             slices.append(s)
         else:
-            slices.append(Slice(s.metaop, s.layer_start, t.layer_end, count=s.n, time_s=s.time_s + t.time_s))
+            slices.append(Slice(s.metaop, s.layer_start, t.layer_end, count=s.n,
+                                time_s=s.time_s + t.time_s))
     slices.extend(bs.values())
     return Wave(tuple(sorted(slices, key=lambda s: s.metaop)), a.level)

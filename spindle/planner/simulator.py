@@ -6,16 +6,17 @@ The simulated iteration is what the runtime does, in order:
   the estimator's *compute* time (``compute_time``: no gradient all-reduce inside), plus the
   runtime's own cost per wave (``Links.wave_overhead_s``, from a measured profile's runtime
   calibration: making autograd leaves, visiting the boundary, timers);
-* send/recv: before a slice starts, its inputs move from the devices that produced them (the
-  previous slice of its MetaOp, or the last slice of each producer MetaOp), re-split over its
-  group by :func:`spindle.plan.contract.transfer_rows` (a contrastive loss runs on the first device of its
-  group with the whole batch, as the runtime runs it); in backward the gradients travel the same
-  way back.  A transfer is charged to the link it crosses (intra-node or inter-node); per wave
-  boundary the slowest device's traffic counts, plus one latency of the slowest link crossed;
-* parameter sync: after backward, every logical parameter's gradient is all-reduced inside its
-  device group (all devices that execute an operator using it, :func:`spindle.costs.memory.
-  parameter_holders`: the runtime's pools); groups that share a device run one after another;
-  disjoint groups run side by side.
+* send/recv: before a slice starts, its inputs (:func:`spindle.plan.layout.slice_inputs`) move
+  from the devices that produced them, re-split over its group in the runtime's pieces
+  (:func:`spindle.plan.layout.pieces`; a contrastive loss runs on the first device of its group
+  with the whole batch); in backward the gradients travel the same way back.  A transfer is
+  charged to the link it crosses (intra-node or inter-node); per wave boundary the slowest
+  device's traffic counts, plus one latency of the slowest link crossed;
+* parameter sync: after backward, every parameter's gradient is all-reduced inside its device
+  group (all devices that execute an operator using it: the runtime's pools,
+  :func:`spindle.costs.memory.pool_sizes`); groups that share a device run one after another;
+  disjoint groups run side by side.  With the hardware's ``sync_overlap``, the runtime's buckets
+  (:func:`spindle.plan.layout.sync_buckets`) start under the remaining backward waves.
 
 :class:`Links` is what the simulator needs of a cluster; :func:`links_for_cluster` builds it
 from a :class:`spindle.costs.cluster.Cluster`, so the placement, the memory model and the simulator
@@ -150,8 +151,8 @@ def links_for_cluster(
     the cluster precision's element size (2 for bf16, 4 for fp32) unless given.
 
     The optimizer phase is the hardware's memory-bound AdamW step
-    (:meth:`spindle.costs.hardware.HardwareModel.optimizer_time`).  With a measured ``profile`` of the
-    ``cpu`` preset (gloo processes on this machine), the profile's measurements replace the
+    (:meth:`spindle.costs.hardware.HardwareModel.optimizer_time`).  With a measured ``profile`` of
+    the ``cpu`` preset (gloo processes on this machine), the profile's measurements replace the
     preset's placeholders: the all-reduce latency and bus bandwidth, the P2P exchange latency
     and bandwidth, and the optimizer phase (``fixed + per_param * parameters``)."""
     hw = cluster.hardware

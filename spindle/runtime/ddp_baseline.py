@@ -110,13 +110,14 @@ def _sync(device: torch.device) -> None:
 def run_ddp_baseline(
     workload: Workload, config: RunConfig, warmup: int = 1, return_parameters: bool = False,
 ) -> dict[str, Any]:
-    """Train ``warmup + config.steps`` iterations (data of steps 0, 1, ...) with DDP over all ranks and
-    time the last ``config.steps`` (seed, dtype, AdamW and clipping from ``config``).  Every rank returns the same dict: ``iteration_s`` (per timed
-    iteration, the slowest rank's), ``mean_iteration_s``, ``median_iteration_s``, ``losses``
-    (each task's loss at the last iteration), ``grad_norms`` (the total gradient norm before
-    clipping, every iteration), and with ``return_parameters`` the final
-    ``parameters`` (logical name -> CPU tensor).  The same hyperparameters as
-    :func:`spindle.runtime.reference.train_reference` give the same parameters."""
+    """Train ``warmup + config.steps`` iterations (data of steps 0, 1, ...) with DDP over all
+    ranks and time the last ``config.steps`` (seed, dtype, AdamW and clipping from ``config``).
+    Every rank returns the same dict: ``iteration_s`` (per timed iteration, the slowest rank's),
+    ``mean_iteration_s``, ``median_iteration_s``, ``losses`` (each task's loss at the last
+    iteration), ``grad_norms`` (the total gradient norm before clipping, every iteration), and
+    with ``return_parameters`` the final ``parameters`` (logical name -> CPU tensor).  The same
+    hyperparameters as :func:`spindle.runtime.reference.train_reference` give the same
+    parameters."""
     steps, seed, dtype = config.steps, config.seed, config.torch_dtype
     created, device = _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

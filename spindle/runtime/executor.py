@@ -1,4 +1,4 @@
-"""Execution: one training iteration of a plan on one rank (SPINDLE.md section 8.4).
+"""Execution: one training iteration of a plan on one rank (docs/method.md section 8.4).
 
 :class:`WaveExecutor` runs the forward waves in order and the backward waves in reverse:
 

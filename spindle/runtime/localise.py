@@ -1,6 +1,6 @@
 """Localisation: which layers each rank runs, which rows it holds, and which parameters it builds.
 
-Everything here is read off the plan (SPINDLE.md section 8.1); nothing is re-planned.
+Everything here is read off the plan (docs/method.md section 8.1); nothing is re-planned.
 
 * Which rows of a slice a rank holds is :mod:`spindle.plan.layout`'s rule (a contrastive loss
   runs on the first device of its group with the whole batch).

@@ -1,6 +1,6 @@
 """Per-iteration measurements of the runtime: a phase timer and the JSON-lines metrics file.
 
-An iteration's time splits into the phases of SPINDLE.md section 9's breakdown: ``compute``
+An iteration's time splits into the phases of docs/method.md section 9's breakdown: ``compute``
 (forward and backward of the slices), ``send_recv`` (inter-wave transmission), ``param_sync``
 (the device-group gradient all-reduces) and ``optimizer`` (gradient clipping and the AdamW step).
 Each rank times its own phases; :func:`combine_ranks` turns every rank's numbers into one record

@@ -2,7 +2,7 @@
 
 Every logical parameter ``W`` has a device group ``D``: the ranks that hold a replica of it
 (its data-parallel replicas and the slices of other tasks that run the same layer).  Parameters
-with the same ``D`` form a *pool* (SPINDLE.md section 8.3).  After backward, each pool with
+with the same ``D`` form a *pool* (docs/method.md section 8.3).  After backward, each pool with
 ``|D| > 1`` all-reduces (SUM) its gradients inside ``D``, flattened into buckets, in one
 deterministic order on every rank.
 
@@ -11,7 +11,7 @@ already return their share of a task's loss divided by the task's *global* count
 contract), so the gradient of the objective is the plain sum of every rank's local gradient; a
 rank outside ``D`` never touches ``W`` and contributes zero.
 
-Overlap with backward (SPINDLE.md section 10): a parameter's gradient is final once the backward
+Overlap with backward (docs/method.md section 10): a parameter's gradient is final once the backward
 of the earliest wave that uses it has run, on every rank (its *ready wave*), and the pools are
 cut into buckets by :func:`spindle.plan.layout.sync_buckets`, the rule the simulator models.
 :meth:`ParameterGroups.launch_ready` is called by every rank after the backward of every wave, in

@@ -41,7 +41,8 @@ class ReferenceModel(nn.Module):
         self.seed = seed
         self.provider = provider_for(workload)
         self.provider.check_runnable()
-        paths = {p for ref in self.provider.operators() for p in self.provider.operator_modules(ref)}
+        paths = {p for ref in self.provider.operators()
+                 for p in self.provider.operator_modules(ref)}
         self.paths = sorted(paths)
         self.mods = nn.ModuleDict({module_key(p): m for p, m in
                                    materialise(self.provider, paths, seed, dtype).items()})

@@ -1,6 +1,6 @@
 """Transmission: moving activations forward and their gradients backward between waves.
 
-Data moves only at wave boundaries (SPINDLE.md section 8.2).  A *value* is the output of one
+Data moves only at wave boundaries (docs/method.md section 8.2).  A *value* is the output of one
 layer of one MetaOp, ``(metaop, layer)``: an activation tuple (batch-first tensors) split over the
 rows of the slice that produced it.  An :class:`Edge` connects a value to a slice that reads it:
 
@@ -286,7 +286,7 @@ class Transmitter:
         for edge_id, by_row in parts.items():
             acts = [by_row[r] for r in sorted(by_row)]
             out[edge_id] = tuple(
-                ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)  # type: ignore[arg-type]
+                ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
                 for ts in zip(*acts)
             )
         return out
@@ -425,6 +425,7 @@ def _accumulate(
 ) -> None:
     """Add ``grad`` (the gradient of ``piece``'s rows) into the producer's gradient buffer."""
     acc = output_grads.setdefault(value, [None] * len(produced[value]))
-    if acc[tensor] is None:
-        acc[tensor] = torch.zeros_like(produced[value][tensor])
-    acc[tensor][piece.src_index()] += grad
+    buf = acc[tensor]
+    if buf is None:
+        buf = acc[tensor] = torch.zeros_like(produced[value][tensor])
+    buf[piece.src_index()] += grad

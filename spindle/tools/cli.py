@@ -11,14 +11,28 @@ import json
 import logging
 import sys
 
+from spindle.costs.graph import contract
+from spindle.declare.workload import load_workload, shipped_workloads
+from spindle.layers import provider_for
+from spindle.plan.checks import load_plan
+from spindle.planner.pipeline import (
+    BASELINES,
+    PlanningContext,
+    PlanResult,
+    evaluate,
+    make_context,
+)
+from spindle.planner.placement import PlacementError
+from spindle.planner.registry import PLANNERS
+from spindle.tools.demo import run_demo
+from spindle.tools.launcher import add_train_arguments, run_train_command
+from spindle.tools.profile import add_profile_arguments, run_profile_command
+from spindle.tools.report import gantt, summary_text
+
 log = logging.getLogger("spindle")
 
 
 def _cmd_workloads(args: argparse.Namespace) -> int:
-    from spindle.costs.graph import contract
-    from spindle.declare.workload import load_workload, shipped_workloads
-    from spindle.layers import provider_for
-
     print(f"{'name':<22} {'params':>9} {'tasks':>5} {'MetaOps':>7}  description")
     for name in shipped_workloads():
         w = load_workload(name)
@@ -52,9 +66,7 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory model: activation recomputation (planning only, see --zero)")
 
 
-def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from spindle.planner.pipeline import make_context
-
+def _context(args: argparse.Namespace) -> PlanningContext:
     return make_context(
         args.workload, args.devices, args.devices_per_node, args.hardware, args.profile,
         cluster=args.cluster, nodes=args.nodes, device_memory_gib=args.device_memory_gib,
@@ -63,13 +75,11 @@ def _context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
-def _baselines(ctx, skip: str) -> dict:  # type: ignore[no-untyped-def]
+def _baselines(ctx: PlanningContext, skip: str) -> dict[str, PlanResult | str]:
     """Every baseline planner's result; one that cannot be placed in memory is reported as such
     instead of aborting the comparison."""
-    from spindle.planner.pipeline import BASELINES, evaluate
-    from spindle.planner.placement import PlacementError
 
-    out: dict = {}
+    out: dict[str, PlanResult | str] = {}
     for b in BASELINES:
         if b == skip:
             continue
@@ -81,9 +91,6 @@ def _baselines(ctx, skip: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from spindle.planner.pipeline import evaluate
-    from spindle.tools.report import gantt, summary_text
-
     ctx = _context(args)
     res = evaluate(ctx, args.planner)
     baselines = {} if args.no_baselines else _baselines(ctx, args.planner)
@@ -134,9 +141,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from spindle.plan.checks import load_plan
-    from spindle.tools.report import gantt
-
     plan = load_plan(args.plan)
     print(f"plan v{plan.version}: {plan.workload} ({plan.workload_fingerprint}), planner"
           f" {plan.planner}, {plan.num_devices} devices, {len(plan.waves)} waves,"
@@ -155,14 +159,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from spindle.tools.demo import run_demo
-
     return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spindle.planner.registry import PLANNERS
-
     parser = argparse.ArgumentParser(
         prog="spindle", description="Plan and run multi-task multi-modal training as waves.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -186,8 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
     p.set_defaults(func=_cmd_show)
 
-    from spindle.tools.launcher import add_train_arguments, run_train_command
-    from spindle.tools.profile import add_profile_arguments, run_profile_command
 
     p = sub.add_parser("profile", help="time real layers on this machine")
     add_profile_arguments(p)

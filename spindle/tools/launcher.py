@@ -21,8 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+import torch
+
 from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
+from spindle.planner.pipeline import make_plan
 from spindle.runtime.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -67,10 +70,6 @@ def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
 def _make_plan(args: argparse.Namespace) -> Plan:
     if args.plan:
         return load_plan(args.plan)
-    import torch
-
-    from spindle.planner.pipeline import make_plan
-
     hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
     return make_plan(args.workload, args.planner, args.nproc,
                      args.devices_per_node or args.nproc, hardware, args.profile)

@@ -72,8 +72,9 @@ def _collective_worker(
 ) -> None:
     """One of the spawned gloo processes: the runtime's gradient sync (a bucketed all-reduce)
     times for ``sizes``; P2P exchange times for ``p2p_sizes`` (ranks 0 and 1); the runtime's
-    optimizer phase for each parameter set (a tuple of tensor shapes).  Rank 0 writes the *means* to ``out``: gloo over loopback has a
-    heavy tail (a wake-up of its I/O thread can cost a scheduler tick, ~4 ms here, in 10-40% of
+    optimizer phase for each parameter set (a tuple of tensor shapes).  Rank 0 writes the *means* to
+    ``out``: gloo over loopback has a heavy tail (a wake-up of its I/O thread can cost a scheduler
+    tick, ~4 ms here, in 10-40% of
     the calls), and an iteration sums many such calls, so their expected time is what adds up."""
 
     torch.set_num_threads(threads)
@@ -233,8 +234,7 @@ def runtime_parameter_sets(workload: Workload) -> tuple[tuple[tuple[int, ...], .
     except LayerError as err:
         log.info("optimizer sets from block shapes (runtime parameters unavailable: %s)", err)
         return None
-    every = {n: s for ref in provider.operators() for n, s in provider.operator_parameters(ref).items()}
-    shapes = [every[n] for n in sorted(every)]
+    shapes = list(provider.parameter_shapes_all().values())
     if not shapes:
         return None
     return (tuple(shapes[::4]), tuple(shapes[::2]), tuple(shapes), tuple(shapes * 2))

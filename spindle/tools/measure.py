@@ -114,8 +114,8 @@ def time_chain(provider: LayerProvider, op: MetaOp, n: int, warmup: int = 2, rep
         raise LayerError(f"MetaOp {op.name} does not start a stage: no inputs to time it on")
     rows = op.batch if op.is_loss else max(op.batch // n, 1)
     gen = torch.Generator().manual_seed(seed)
-    modules = materialise(provider, {p for ref in op.layers for p in provider.operator_modules(ref)},
-                          seed, torch.float32)
+    paths = {p for ref in op.layers for p in provider.operator_modules(ref)}
+    modules = materialise(provider, paths, seed, torch.float32)
     raws: dict[str, torch.Tensor | None] = {}
     for ref in op.layers:
         if ref.stage not in raws and provider.needs_raw(ref):
@@ -237,8 +237,11 @@ def _chain_worker(
             # per run: at n > 1 the ranks are the devices of one data-parallel slice, which ends
             # with the slowest of them; at n = 1 each rank runs an independent one-device slice
             slowest = n > 1 and not op.is_loss
-            times.append(time_chain(provider, op, n, warmup, repeats,
-                                    combine=lambda dt, s=slowest: across_ranks(dt, s, world)))
+
+            def combine(dt: float, slowest: bool = slowest) -> float:
+                return across_ranks(dt, slowest, world)
+
+            times.append(time_chain(provider, op, n, warmup, repeats, combine=combine))
         phases: float | None = None
         if plan is not None and len(times) == len(jobs):
             dist.barrier()

@@ -1,25 +1,27 @@
 """``spindle profile``: measure T_m(n) points of a workload's MetaOps with PyTorch on this machine.
 
 For every distinct MetaOp signature (kind, hidden, heads, ffn, tokens, memory_tokens, batch) and
-every valid device count n up to ``--devices``, one MetaOp of that signature runs forward +
-backward at the per-device batch ``batch / n`` exactly as the runtime computes it (schema version
-3, ``measurement: chain``): its whole chain of operators through the layer provider's modules
+every valid device count n up to ``--devices``, one MetaOp of that signature runs forward + backward
+at the per-device batch ``batch / n`` exactly as the runtime computes it (schema version 3,
+``measurement: chain``): its whole chain of operators through the layer provider's modules
 (:func:`spindle.tools.measure.time_chain`), with raw input rows and random stand-ins for the
-producers' outputs; a few warm-up runs, then the median of ``--repeats`` timed runs divided by
-the chain's layers is the point's per-layer ``compute_s``, light parts included.  Torch runs
-with the threads one torchrun rank gets (:func:`spindle.tools.measure.default_threads`).  A workload the runtime
-cannot compute falls back to a bare block of the signature (``measurement: block``, as in
-versions 1 and 2, which the estimator scales by the layer's FLOPs).  The machine is measured once (:mod:`spindle.tools.machine`): gloo all-reduce over 2 local processes for a few message sizes, fitted as
-``latency + bytes / bandwidth``; each point's ``sync_s`` is that model's ring all-reduce of the
-block's own gradients over n devices (the estimator re-applies the measured collective model
-to the layer's full gradient volume, light parts included).  The same spawned processes also
-measure (schema version 2) the point-to-point exchange of a wave boundary (one
-``batch_isend_irecv`` of an isend and an irecv per rank, fitted as ``latency + bytes /
-bandwidth``) and the runtime's optimizer phase (zero_grad, clipping by the global norm with its
-scalar all-reduce, ``AdamW(foreach=True)``) over parameter sets made of the runtime's own
-parameter tensors of the workload, fitted as ``fixed + per_param * parameters``; the simulator
-uses them (:func:`spindle.planner.simulator.links_for_cluster`) when planning for the ``cpu`` preset.  The result is a versioned JSON profile, written atomically,
-that :func:`spindle.costs.scalability.make_estimator` fits instead of the hardware model.
+producers' outputs; a few warm-up runs, then the median of ``--repeats`` timed runs divided by the
+chain's layers is the point's per-layer ``compute_s``, light parts included.  Torch runs with the
+threads one torchrun rank gets (:func:`spindle.tools.measure.default_threads`).  A workload the
+runtime cannot compute falls back to a bare block of the signature (``measurement: block``, as in
+versions 1 and 2, which the estimator scales by the layer's FLOPs).  The machine is measured once
+(:mod:`spindle.tools.machine`): gloo all-reduce over 2 local processes for a few message sizes,
+fitted as ``latency + bytes / bandwidth``; each point's ``sync_s`` is that model's ring all-reduce
+of the block's own gradients over n devices (the estimator re-applies the measured collective model
+to the layer's full gradient volume, light parts included).  The same spawned processes also measure
+(schema version 2) the point-to-point exchange of a wave boundary (one ``batch_isend_irecv`` of an
+isend and an irecv per rank, fitted as ``latency + bytes / bandwidth``) and the runtime's optimizer
+phase (zero_grad, clipping by the global norm with its scalar all-reduce, ``AdamW(foreach=True)``)
+over parameter sets made of the runtime's own parameter tensors of the workload, fitted as ``fixed +
+per_param * parameters``; the simulator uses them
+(:func:`spindle.planner.simulator.links_for_cluster`) when planning for the ``cpu`` preset.  The
+result is a versioned JSON profile, written atomically, that
+:func:`spindle.costs.scalability.make_estimator` fits instead of the hardware model.
 """
 
 from __future__ import annotations
@@ -146,9 +148,9 @@ def profile_metaops(
     runtime_workload: Workload | None = None,
 ) -> Profile:
     """Measure every distinct signature of ``ops`` at every valid n <= ``devices``: with
-    ``runtime_workload`` (the :class:`spindle.declare.workload.Workload` of ``ops``, when the runtime
-    can compute it) each MetaOp's whole chain of runtime operators (:func:`time_chain`), else
-    the bare block (:func:`time_metaop`).  ``threads``: torch threads while measuring, by
+    ``runtime_workload`` (the :class:`spindle.declare.workload.Workload` of ``ops``, when the
+    runtime can run it) each MetaOp's whole chain of runtime operators (:func:`time_chain`),
+    else the bare block (:func:`time_metaop`).  ``threads``: torch threads while measuring, by
     default what one rank gets under torchrun (:func:`default_threads`)."""
     if devices < 1:
         raise ProfileError(f"--devices must be >= 1 (got {devices})")
@@ -224,7 +226,7 @@ def profile_metaops(
                 sync = coll.allreduce_time(op.cost.params_per_layer * 4, n)
                 measured[signature(op)].append(ProfilePoint(n, compute, sync))
                 bar.update()
-        if plan is not None and runtime_phases is None:
+        if plan is not None and chain_w is not None and runtime_phases is None:
             runtime_phases = time_runtime_phases(chain_w, plan, warmup, repeats)
         elapsed = time.perf_counter() - start
     finally:
@@ -292,7 +294,8 @@ def run_profile_command(args: argparse.Namespace) -> int:
         return 2
     npts = sum(len(e.points) for e in prof.entries.values())
     sys.stdout.write(
-        f"wrote {args.out}: {len(prof.entries)} signatures, {npts} points, devices <= {prof.devices},"
+        f"wrote {args.out}: {len(prof.entries)} signatures, {npts} points,"
+        f" devices <= {prof.devices},"
         f" {prof.elapsed_s:.1f} s (gloo latency {prof.collective.latency_s * 1e6:.0f} us,"
         f" {prof.collective.bandwidth / 1e9:.2f} GB/s"
         + (f"; P2P {prof.p2p.latency_s * 1e6:.0f} us, {prof.p2p.bandwidth / 1e9:.2f} GB/s"

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from spindle.io import write_atomic
 from spindle.plan.contract import Plan
-
-if TYPE_CHECKING:
-    from spindle.planner.pipeline import PlanResult
+from spindle.planner.pipeline import PlanResult
 
 
 def _ms(s: float) -> str:
     return f"{s * 1e3:9.2f} ms"
 
 
-def summary_text(res: "PlanResult", baselines: dict[str, "PlanResult | str"]) -> str:
+def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str:
     p, sim = res.plan, res.simulation
     lines = [
         f"workload {p.workload}  planner {p.planner}  devices {p.num_devices}"

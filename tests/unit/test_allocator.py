@@ -1,4 +1,5 @@
-"""Resource allocator of one MetaLevel: relaxed C*, n*_m and bi-point ASL tuples (SPINDLE.md 5)."""
+"""Resource allocator of one MetaLevel: relaxed C*, n*_m and bi-point ASL tuples (docs/method.md
+section 5)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ from spindle.planner.bounds import (
     global_lower_bound_parts,
     level_lower_bound,
     level_optima,
-    lower_bound,
     relaxed_optimum,
 )
 from spindle.planner.registry import PLANNERS, check_waves
@@ -47,7 +46,6 @@ def test_global_lower_bound_parts():
     assert parts.critical_path_s == pytest.approx(max(4 * 0.6 + 2 * 0.5, 10 * 0.3))
     assert parts.area_s == pytest.approx((4 * 1.0 + 2 * 1.8 + 10 * 0.3) / 4)
     assert global_lower_bound(g, est, 4) == pytest.approx(parts.value)
-    assert lower_bound(g, est, 4) == global_lower_bound(g, est, 4)
     # on 2 devices, MetaOp 1 cannot use 4
     assert global_lower_bound_parts(g, est, 2).critical_path_s == pytest.approx(4 * 0.6 + 2 * 0.9)
 

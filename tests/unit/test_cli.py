@@ -74,7 +74,8 @@ def test_bad_workload_file_writes_nothing(capsys, tmp_path):
 def test_unservable_workload(capsys, tmp_path):
     # a cyclic reference is caught at declaration; an empty-task list is a validation error;
     # and a console entry point exists
-    r = subprocess.run([sys.executable, "-m", "spindle.tools.cli", "plan", "tiny-ofasys", "--devices",
+    r = subprocess.run([sys.executable, "-m", "spindle.tools.cli", "plan", "tiny-ofasys",
+                        "--devices",
                         "-3"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
 

@@ -1,4 +1,4 @@
-"""Graph contraction into MetaOps and MetaLevels (SPINDLE.md section 3)."""
+"""Graph contraction into MetaOps and MetaLevels (docs/method.md section 3)."""
 
 from spindle.costs.graph import build_operator_graph, contract
 from spindle.declare.workload import load_workload

@@ -153,7 +153,8 @@ def _run_rows(w, task: str, modules, raw, rows: slice) -> dict[str, Activation |
     out: dict[str, Activation | torch.Tensor] = {}
     local = {s: (None if r is None else r[rows]) for s, r in raw.items()}
     for st in t.stages:
-        refs = [LayerRef(task, st.name, st.component, i) for i in range(provider.num_layers(st.component))]
+        refs = [LayerRef(task, st.name, st.component, i)
+                for i in range(provider.num_layers(st.component))]
         out[st.name] = run_chain(provider, modules, refs, {s: out[s] for s in st.sources}, None,
                                  local, t.batch_size)  # type: ignore[dict-item]
     return out

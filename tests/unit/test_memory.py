@@ -78,7 +78,7 @@ def test_activation_peak_of_a_hand_made_plan():
     assert rep.devices[1].transient_bytes == pytest.approx(4 * per)
     params = {0: 0, 1: 0}
     for d, layers in ((0, range(3)), (1, range(2))):
-        params[d] = sum(sum(g.provider.module_sizes(vis.layers[l]).values()) for l in layers)
+        params[d] = sum(sum(g.provider.module_sizes(vis.layers[i]).values()) for i in layers)
     for d in (0, 1):
         dm = rep.devices[d]
         assert dm.param_bytes == 16 * params[d]

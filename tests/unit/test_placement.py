@@ -16,19 +16,20 @@ from spindle.costs.memory import (
 from spindle.declare.workload import load_workload
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, Slice, Wave
+from spindle.planner.baselines import place_naive
 from spindle.planner.placement import (
     PlacementError,
     best_candidate,
     place,
     place_candidates,
     place_greedy,
-    place_naive,
 )
 from spindle.planner.simulator import communication, links_for_cluster
 
 
 def _spec(*slices, level=None):
-    return Wave(tuple(Slice(m, a, b, count=n, time_s=0.01 * (b - a)) for m, a, b, n in slices), level)
+    return Wave(tuple(Slice(m, a, b, count=n, time_s=0.01 * (b - a))
+                      for m, a, b, n in slices), level)
 
 
 def _plan(w, g, waves, cluster, complete=False):
@@ -125,9 +126,9 @@ def _vision_in_three_waves():
     c = load_cluster("cpu", num_devices=2)
     ledger = MemoryLedger(g, c.memory_model(), 1)
     need = []
-    for l in range(3):
-        need.append(float(ledger.added_bytes(vis.id, l, l + 1, 1)[0]))
-        ledger.add(Slice(vis.id, l, l + 1, (0,)))
+    for layer in range(3):
+        need.append(float(ledger.added_bytes(vis.id, layer, layer + 1, 1)[0]))
+        ledger.add(Slice(vis.id, layer, layer + 1, (0,)))
     return w, g, c, waves, need
 
 

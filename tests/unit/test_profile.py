@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,22 +22,15 @@ from spindle.tools.measure import (
     time_metaop,
 )
 from spindle.tools.profile import (
-    add_profile_arguments,
     block_flops,
     run_profile_command,
 )
-
-
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_profile_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
+from tests.fixtures import profile_args
 
 
 def test_every_block_kind_times_positive() -> None:
-    ops = contract(load_workload("tiny-ofasys")).metaops + contract(load_workload("tiny-qwen-val")).metaops
+    ops = [m for name in ("tiny-ofasys", "tiny-qwen-val")
+           for m in contract(load_workload(name)).metaops]
     kinds = {}
     for op in ops:
         kinds.setdefault(op.kind, op)
@@ -62,7 +54,8 @@ def test_time_chain_runs_the_runtime_operators_of_every_kind() -> None:
             if op.kind in seen:
                 continue
             seen.add(op.kind)
-            assert 0 < time_chain(provider_for(w), op, 1 if op.is_loss else 2, warmup=1, repeats=2) < 1.0
+            n = 1 if op.is_loss else 2
+            assert 0 < time_chain(provider_for(w), op, n, warmup=1, repeats=2) < 1.0
     assert seen == {"encoder", "decoder", "llm", "contrastive"}
 
 
@@ -106,10 +99,12 @@ def test_default_threads_follow_torchrun() -> None:
 
 
 
-def test_guard_refuses_full_size_workloads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_guard_refuses_full_size_workloads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
     t0 = time.perf_counter()
     rc = run_profile_command(
-        _args("multitask-clip-10", "--devices", "8", "--out", str(tmp_path / "p.json"),
+        profile_args("multitask-clip-10", "--devices", "8", "--out", str(tmp_path / "p.json"),
               "--max-seconds", "30", "--no-progress")
     )
     assert rc == 2
@@ -120,7 +115,8 @@ def test_guard_refuses_full_size_workloads(capsys: pytest.CaptureFixture[str], t
 
 
 def test_bad_workload_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert run_profile_command(_args("no-such-workload", "--out", str(tmp_path / "p.json"))) == 2
+    args = profile_args("no-such-workload", "--out", str(tmp_path / "p.json"))
+    assert run_profile_command(args) == 2
     assert "no-such-workload" in capsys.readouterr().err
 
 
@@ -154,7 +150,8 @@ def _valid_profile() -> dict[str, Any]:
     "mutate, needle",
     [
         (lambda d: d.update(schema_version=99), "schema_version"),
-        (lambda d: d["entries"][0]["points"][0].update(compute_s=-1.0), "entries.0.points.0.compute_s"),
+        (lambda d: d["entries"][0]["points"][0].update(compute_s=-1.0),
+         "entries.0.points.0.compute_s"),
         (lambda d: d["entries"][0]["points"][1].update(n=1), "duplicate n"),
         (lambda d: d.pop("collective"), "collective"),
         (lambda d: d["entries"][0]["signature"].update(hidden="big"), "signature.hidden"),
@@ -198,7 +195,8 @@ def test_version_1_profile_still_loads_without_the_new_measurements(tmp_path: Pa
 def test_version_2_profile_round_trips_the_new_measurements(tmp_path: Path) -> None:
     data = _valid_profile()
     data["p2p"] = {"backend": "gloo", "latency_s": 2e-4, "bandwidth_Bps": 2e9,
-                   "samples": [{"bytes": 4096, "seconds": 2e-4}, {"bytes": 1 << 20, "seconds": 7e-4}]}
+                   "samples": [{"bytes": 4096, "seconds": 2e-4},
+                               {"bytes": 1 << 20, "seconds": 7e-4}]}
     data["optimizer"] = {"fixed_s": 1e-3, "per_param_s": 3e-8,
                          "samples": [{"params": 1000, "seconds": 1.03e-3}]}
     p = tmp_path / "v2.json"

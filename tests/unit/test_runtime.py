@@ -72,7 +72,8 @@ def test_contrastive_loss_runs_on_the_first_device_with_the_whole_batch() -> Non
         m = plan.metaops[s.metaop]
         if m.kind == "contrastive":
             assert s.n == 4
-            assert slice_rows(plan.metaops[s.metaop], s.devices) == ((s.devices[0], RowRange(0, m.batch)),)
+            whole = ((s.devices[0], RowRange(0, m.batch)),)
+            assert slice_rows(plan.metaops[s.metaop], s.devices) == whole
             assert executing_ranks(plan, s) == (s.devices[0],)
             assert rows_on(plan, s, s.devices[1]) is None
 

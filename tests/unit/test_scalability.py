@@ -88,7 +88,8 @@ def test_piecewise_ranges_and_boundaries() -> None:
     m = PiecewiseAlphaBeta(W, SB, (1, 2, 4, 8), ((0, 0, 0),) * 4)
     assert [m.range_index(n) for n in (1, 2, 3, 4, 5, 8, 9, 100)] == [0, 1, 2, 2, 3, 3, 3, 3]
     # a step between ranges is kept, not smoothed: two ranges, different overheads
-    pts = [(n, 1e-3 + W / n / 1e14) for n in (1, 2, 3, 4)] + [(n, 5e-3 + W / n / 1e14) for n in (5, 6, 7, 8)]
+    pts = ([(n, 1e-3 + W / n / 1e14) for n in (1, 2, 3, 4)]
+           + [(n, 5e-3 + W / n / 1e14) for n in (5, 6, 7, 8)])
     m = PiecewiseAlphaBeta.fit(pts, W, 0.0, uppers=(4, 8))
     assert m(4) == pytest.approx(pts[3][1], rel=1e-6)
     assert m(5) == pytest.approx(pts[4][1], rel=1e-6)
@@ -134,7 +135,7 @@ def test_estimator_is_positive_and_non_increasing(clip10: list[MetaOp]) -> None:
     times = [est.time(op, n) for n in counts]
     assert all(t > 0 for t in times)
     assert all(a >= b for a, b in zip(times, times[1:]))
-    raw = est.fit(op)
+    raw = est.table(op).model
     assert raw(8) > raw(4)  # the raw fit does rise ...
     assert est.time(op, 8) == est.time(op, 4)  # ... and the table takes the running minimum
     for n in counts:

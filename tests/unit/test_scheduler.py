@@ -1,4 +1,4 @@
-"""Wavefront scheduler (SPINDLE.md section 6): invariants, quality against C*, planning time."""
+"""Wavefront scheduler (docs/method.md section 6): invariants, quality against C*, planning time."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from spindle.plan.contract import Plan, Slice, Wave, schedule_length
 from spindle.planner.allocator import relaxed_optimum as allocator_optimum
 from spindle.planner.allocator import scaling_curves
 from spindle.planner.bounds import global_lower_bound, level_optima, relaxed_optimum
+from spindle.planner.levels import rebalance_levels
 from spindle.planner.registry import check_waves, plan_waves
 from spindle.planner.scheduler import (
     SchedulerOptions,
     merge_waves,
-    rebalance_levels,
     wavefront_schedule,
 )
 from tests.fixtures import alpha_beta_estimator, random_workload, synthetic_graph
@@ -167,7 +167,8 @@ def test_merge_joins_identical_waves_and_keeps_dependencies():
     c = Wave((Slice(2, 0, 2, count=4, time_s=1.0),), 1)
     merged = merge_waves([a, b, c], g, 4)
     assert len(merged) == 2
-    assert merged[0].slices == (Slice(0, 0, 4, count=2, time_s=4.0), Slice(1, 0, 4, count=2, time_s=4.0))
+    assert merged[0].slices == (Slice(0, 0, 4, count=2, time_s=4.0),
+                                Slice(1, 0, 4, count=2, time_s=4.0))
     assert merged[1] == c  # MetaOp 2 needs MetaOp 0, which ends in the wave before
     # different n: no merge
     d = Wave((Slice(0, 2, 4, count=1, time_s=4.0), Slice(1, 2, 4, count=2, time_s=2.0)), 0)

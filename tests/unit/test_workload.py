@@ -53,10 +53,10 @@ def test_python_api_equals_file(tmp_path: Path):
     w = Workload(
         name="mine",
         components={
-            "img": Component(layers=2, hidden=16, heads=2, input=InputAdapter(type="features", dim=4),
-                             output_dim=8),
-            "txt": Component(layers=1, hidden=16, heads=2, input=InputAdapter(type="tokens", vocab=10),
-                             output_dim=8),
+            "img": Component(layers=2, hidden=16, heads=2, output_dim=8,
+                             input=InputAdapter(type="features", dim=4)),
+            "txt": Component(layers=1, hidden=16, heads=2, output_dim=8,
+                             input=InputAdapter(type="tokens", vocab=10)),
         },
         tasks=(Task(name="pair", batch_size=4,
                     stages=(Stage(name="i", component="img", tokens=3),

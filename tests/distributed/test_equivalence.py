@@ -12,10 +12,6 @@ on 2 CPU cores.
 
 from __future__ import annotations
 
-import os
-import random
-import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
