@@ -122,23 +122,25 @@ def all_plans(workload: Workload, nproc: int) -> dict[str, Plan]:
 
 
 def train_command(
-    nproc: int, workload: str, args: list[str], log_dir: Path | None = None
+    nproc: int, workload: str, args: list[str], log_dir: Path | None = None,
+    entry: str = "spindle.train",
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m spindle.train WORKLOAD ARGS``."""
+    """``python -m torch.distributed.run ... -m ENTRY WORKLOAD ARGS``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}"]
     if log_dir is not None:  # each rank's stdout/stderr in its own file
         cmd += ["--log-dir", str(log_dir), "--redirects", "3"]
-    return cmd + ["-m", "spindle.train", workload, *args]
+    return cmd + ["-m", entry, workload, *args]
 
 
 def run_train(
     nproc: int, workload: str, args: list[str], timeout: float = 240, log_dir: Path | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, entry: str = "spindle.train",
 ) -> subprocess.CompletedProcess[str]:
+    """Launch ``entry`` (``tests.faulty_train`` for a faulty rank) under torchrun."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR", **(env or {})}
     return subprocess.run(
-        train_command(nproc, workload, args, log_dir), cwd=REPO, env=full_env, text=True,
+        train_command(nproc, workload, args, log_dir, entry), cwd=REPO, env=full_env, text=True,
         capture_output=True, timeout=timeout,
     )
 

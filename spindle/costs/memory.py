@@ -69,6 +69,8 @@ from spindle.plan.layout import (
     local_rows,
     parameter_pools,
     parameter_use,
+    slice_inputs,
+    value_elements,
 )
 
 GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
@@ -162,7 +164,7 @@ def slice_activation(
     if layer_start == 0:
         # the first layer also saves its inputs: other stages' outputs (for in_proj) and raw
         # features (for the input projection)
-        inputs = sum(metaops[d].cost.out_elements_per_sample for d in metaop.deps)
+        inputs = sum(value_elements(metaops, v) for v in slice_inputs(metaops, metaop.id, 0))
         if metaop.cost.input_elements_per_sample:
             inputs += metaop.cost.input_elements_per_sample
         saved += inputs * rows * ab

@@ -94,7 +94,8 @@ def validate_plan(
             for layer in range(s.layer_start, s.layer_end):
                 if (s.metaop, layer) in done:
                     raise PlanError(f"{tag}: layer {layer} is scheduled twice")
-            for need in slice_inputs(plan.metaops, s):  # computed in an earlier wave
+            # every input computed in an earlier wave
+            for need in slice_inputs(plan.metaops, s.metaop, s.layer_start):
                 if done.get(need, wi) >= wi:
                     raise PlanError(
                         f"{tag}: needs layer {need[1]} of MetaOp {need[0]} from an earlier wave"

@@ -74,12 +74,18 @@ def local_rows(metaop: MetaOp, n: int) -> int:
     return metaop.batch if metaop.is_loss else metaop.batch // n
 
 
+def row_ranges(batch: int, n: int) -> tuple[RowRange, ...]:
+    """The rows of each of ``n`` members of a data-parallel group over ``batch`` samples:
+    member ``k`` holds ``[k*batch/n, (k+1)*batch/n)``."""
+    per = batch // n
+    return tuple(RowRange(k * per, (k + 1) * per) for k in range(n))
+
+
 def slice_rows(metaop: MetaOp, devices: tuple[int, ...]) -> tuple[tuple[int, RowRange], ...]:
     """``(device, rows)`` for every device that executes a slice of ``metaop`` on ``devices``,
     in group order."""
     ranks = executing_devices(metaop, devices)
-    per = metaop.batch // len(ranks)
-    return tuple((d, RowRange(k * per, (k + 1) * per)) for k, d in enumerate(ranks))
+    return tuple(zip(ranks, row_ranges(metaop.batch, len(ranks))))
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,15 @@ def iter_slices(waves: Sequence[Wave]) -> Iterator[tuple[SliceRef, Slice]]:
             yield SliceRef(wi, si), s
 
 
-def slice_inputs(metaops: Sequence[MetaOp], s: Slice) -> tuple[ValueKey, ...]:
-    """The values slice ``s`` reads: the previous layer's output of its MetaOp when it starts
-    inside the chain, else the last-layer output of each producer MetaOp."""
-    if s.layer_start > 0:
-        return ((s.metaop, s.layer_start - 1),)
-    return tuple((d, metaops[d].num_layers - 1) for d in metaops[s.metaop].deps)
+def slice_inputs(
+    metaops: Sequence[MetaOp], metaop: int, layer_start: int
+) -> tuple[ValueKey, ...]:
+    """The values a slice of ``metaop`` starting at ``layer_start`` reads: the previous layer's
+    output of its MetaOp when it starts inside the chain, else the last-layer output of each
+    producer MetaOp."""
+    if layer_start > 0:
+        return ((metaop, layer_start - 1),)
+    return tuple((d, metaops[d].num_layers - 1) for d in metaops[metaop].deps)
 
 
 def value_elements(metaops: Sequence[MetaOp], value: ValueKey) -> float:

@@ -66,6 +66,8 @@ from spindle.plan.contract import MetaOp, Plan, Slice, Wave
 from spindle.plan.layout import (
     ParameterIndex,
     executing_devices,
+    pieces,
+    row_ranges,
     slice_inputs,
     value_elements,
 )
@@ -150,8 +152,9 @@ class _Placer:
     def sources(self, s: Slice) -> list[_Source]:
         ab = self.model.activation_bytes
         metaops = self.graph.metaops
+        values = slice_inputs(metaops, s.metaop, s.layer_start)
         return [_Source(self.last[v[0]], value_elements(metaops, v) * ab)
-                for v in slice_inputs(metaops, s) if value_elements(metaops, v) > 0]
+                for v in values if value_elements(metaops, v) > 0]
 
     def values(self, s: Slice, m: MetaOp, n_exec: int, sources: list[_Source]
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -235,23 +238,19 @@ class _Placer:
     def order_group(self, group: np.ndarray, m: MetaOp, n_exec: int, sources: list[_Source]
                     ) -> list[int]:
         """Assign the group's devices to row positions: own rows first, then rows in the node."""
-        b = m.batch
-        r = b / n_exec
         members = set(int(d) for d in group)
         own: dict[tuple[int, int], float] = {}  # (device, position) -> bytes it holds already
         node_pos: dict[tuple[int, int], float] = {}  # (node, position) -> bytes held in node
+        positions = tuple(enumerate(row_ranges(m.batch, n_exec)))
         for src in sources:
-            k = len(src.devices)
-            for i, d in enumerate(src.devices):
-                lo, hi = i * b / k, (i + 1) * b / k
-                for j in range(int(lo // r), min(int(math.ceil(hi / r)), n_exec)):
-                    ov = (min(hi, (j + 1) * r) - max(lo, j * r)) * src.bytes_per_row
-                    if ov <= 0:
-                        continue
-                    if d in members:
-                        own[(d, j)] = own.get((d, j), 0.0) + ov
-                    key = (int(self.node_of[d]), j)
-                    node_pos[key] = node_pos.get(key, 0.0) + ov
+            held = tuple(zip(src.devices, row_ranges(m.batch, len(src.devices))))
+            # producer-major, as the sums were always taken
+            for p in sorted(pieces(held, positions), key=lambda p: (p.src_rows.start, p.dst)):
+                d, j, ov = p.src, p.dst, p.rows.size * src.bytes_per_row
+                if d in members:
+                    own[(d, j)] = own.get((d, j), 0.0) + ov
+                key = (int(self.node_of[d]), j)
+                node_pos[key] = node_pos.get(key, 0.0) + ov
         pos: dict[int, int] = {}
         used: set[int] = set()
         for (d, j), _ in sorted(own.items(), key=lambda kv: (-kv[1], kv[0])):

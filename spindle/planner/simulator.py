@@ -233,7 +233,7 @@ def inter_wave_transfers(plan: Plan) -> list[list[tuple[int, int, float]]]:
         for s in wave.slices:
             m = metaops[s.metaop]
             dst = slice_rows(m, s.devices)
-            for value in slice_inputs(metaops, s):
+            for value in slice_inputs(metaops, s.metaop, s.layer_start):
                 per_sample = value_elements(metaops, value)
                 if per_sample <= 0:
                     continue

@@ -83,7 +83,7 @@ class TransmissionSchedule:
         edges: list[Edge] = []
         for ref, s in slices.items():
             metaop = plan.metaops[s.metaop]
-            for value in slice_inputs(plan.metaops, s):
+            for value in slice_inputs(plan.metaops, s.metaop, s.layer_start):
                 src_ref = producer_of[value]
                 src_slice = plan.waves[src_ref.wave].slices[src_ref.index]
                 if plan.metaops[value[0]].batch != metaop.batch:

@@ -28,7 +28,6 @@ import os
 import re
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -73,9 +72,6 @@ from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length 
 
 log = logging.getLogger("spindle.train")
 
-FAIL_RANK_ENV = "SPINDLE_FAIL_RANK"  # test hook: this rank raises at step SPINDLE_FAIL_STEP
-FAIL_STEP_ENV = "SPINDLE_FAIL_STEP"
-FAIL_MODE_ENV = "SPINDLE_FAIL_MODE"
 
 
 class TrainError(RuntimeError):
@@ -181,17 +177,6 @@ def _plan_labels(paths: list[str]) -> list[str]:
 # --- training ----------------------------------------------------------------------------------
 
 
-def _maybe_fail(env: RankEnv, step: int) -> None:
-    """The failure-handling tests' hook: make one rank raise (or, with SPINDLE_FAIL_MODE=hang,
-    stop responding) at one step."""
-    fail_rank = os.environ.get(FAIL_RANK_ENV)
-    if fail_rank is not None and int(fail_rank) == env.rank:
-        if step == int(os.environ.get(FAIL_STEP_ENV, "1")):
-            if os.environ.get(FAIL_MODE_ENV) == "hang":
-                time.sleep(24 * 3600)
-            raise TrainError(f"injected failure at step {step} ({FAIL_RANK_ENV}={fail_rank})")
-
-
 def train_plan(
     config: RunConfig, workload: Workload, plan: Plan, label: str, env: RankEnv,
     device: torch.device, metrics: MetricsWriter, several: bool,
@@ -206,7 +191,6 @@ def train_plan(
     times: list[float] = []
     try:
         for step in range(config.steps):
-            _maybe_fail(env, step)
             outcome = run.step(step)
             vec = torch.tensor(outcome.rank_iteration.to_vector(tasks), dtype=torch.float64,
                                device=device)

@@ -89,7 +89,8 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
     start = time.monotonic()
     proc = run_train(4, w.name, ["--plan", str(plan_path), "--steps", "5", "--timeout", "60",
                                  "--no-progress"],
-                     timeout=120, log_dir=tmp_path / "logs", env={"SPINDLE_FAIL_RANK": "1"})
+                     timeout=120, log_dir=tmp_path / "logs", env={"FAIL_RANK": "1"},
+                     entry="tests.faulty_train")
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 50, f"took {elapsed:.0f} s: something waited for the collective timeout"
@@ -124,7 +125,7 @@ def test_a_rank_that_stops_responding_times_out_on_every_rank(tmp_path: Path) ->
     proc = run_train(2, "tiny-ofasys", ["--plan", str(plan_path), "--steps", "3", "--timeout",
                                         "5", "--no-progress"], timeout=120,
                      log_dir=tmp_path / "logs",
-                     env={"SPINDLE_FAIL_RANK": "1", "SPINDLE_FAIL_MODE": "hang"})
+                     env={"FAIL_RANK": "1", "FAIL_MODE": "hang"}, entry="tests.faulty_train")
     assert proc.returncode != 0
     assert time.monotonic() - start < 60
     assert_one_line_each(rank_stderr(tmp_path / "logs", 2),
