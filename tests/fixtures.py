@@ -2,7 +2,8 @@
 
 * :func:`random_workload`: multi-task workloads of any size (planning-time and placement
   checks; ``benchmarks/placement_bench.py`` uses it too);
-* :func:`profile_args`: ``spindle profile``'s parsed arguments;
+* :func:`profile_args`: ``spindle profile``'s parsed arguments, :func:`valid_profile_dict` a
+  profile file's content;
 * :func:`synthetic_graph`: a MetaGraph written directly as layer counts, batches and
   dependencies (hand-written problems, brute force, property tests), with
   :func:`alpha_beta_estimator`, a T_m(n) that is not fitted to anything.
@@ -18,6 +19,7 @@ import torch
 
 from spindle.costs.estimator import TableEstimator, data_parallel_counts
 from spindle.costs.graph import MetaGraph
+from spindle.costs.profile import PROFILE_SCHEMA_VERSION
 from spindle.declare.workload import LayerRef, Workload, workload_from_dict
 from spindle.layers import costmodel
 from spindle.layers.blocks import Block
@@ -167,3 +169,20 @@ def profile_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_profile_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def valid_profile_dict() -> dict[str, Any]:
+    """A valid profile file's JSON object, of a workload "w" with one encoder signature."""
+    return {
+        "schema_version": PROFILE_SCHEMA_VERSION, "kind": "spindle-profile", "workload": "w",
+        "devices": 2, "repeats": 3, "threads_per_device": 1, "dtype": "float32", "grad_bytes": 4,
+        "torch_version": "2.x", "machine": {"cpu": "x"},
+        "collective": {"backend": "gloo", "processes": 2, "latency_s": 1e-4, "bandwidth_Bps": 1e9},
+        "entries": [{
+            "signature": {"kind": "encoder", "hidden": 32, "heads": 4, "ffn": 128, "tokens": 9,
+                          "memory_tokens": 0, "batch": 8},
+            "params_per_layer": 12704, "flops_per_layer": 1e6,
+            "points": [{"n": 1, "compute_s": 1e-3, "sync_s": 0.0},
+                       {"n": 2, "compute_s": 6e-4, "sync_s": 2e-4}],
+        }],
+    }

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from spindle.costs.hardware import HardwareError, HardwareModel, load_hardware
 from spindle.costs.hardware import (
@@ -48,6 +48,7 @@ from spindle.validation import format_validation_error
 Precision = Literal["bf16-mixed", "fp32"]
 
 GIB = 1024**3
+MAX_DEVICES = 65_536  # planning is polynomial in the devices; beyond this its arrays grow large
 
 
 class ClusterError(ValueError):
@@ -70,6 +71,9 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.num_devices < 1:
             raise ClusterError(f"{self.where}: num_devices must be >= 1 (got {self.num_devices})")
+        if self.num_devices > MAX_DEVICES:
+            raise ClusterError(f"{self.where}: {self.num_devices} devices: at most {MAX_DEVICES}"
+                               " are planned")
 
     @property
     def where(self) -> str:
@@ -147,9 +151,9 @@ class _ClusterFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hardware: str = Field(min_length=1, description="hardware preset name or hardware YAML file")
-    nodes: int | None = Field(default=None, gt=0)
-    num_devices: int | None = Field(default=None, gt=0)
-    devices_per_node: int | None = Field(default=None, gt=0)
+    nodes: StrictInt | None = Field(default=None, gt=0)
+    num_devices: StrictInt | None = Field(default=None, gt=0)
+    devices_per_node: StrictInt | None = Field(default=None, gt=0)
     device_memory_gib: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     intra_node_bandwidth_gb_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     inter_node_bandwidth_gb_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)

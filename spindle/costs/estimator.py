@@ -34,9 +34,20 @@ class Estimator(Protocol):
 
 
 def data_parallel_counts(batch: int, num_devices: int, multiple_of: int = 1) -> list[int]:
-    """Valid n under data parallelism: n divides the batch (and is a multiple of the
-    tensor-parallel degree, when there is one)."""
-    return [n for n in range(1, num_devices + 1) if batch % n == 0 and n % multiple_of == 0]
+    """Valid n under data parallelism, ascending: n <= ``num_devices`` divides the batch (and is
+    a multiple of the tensor-parallel degree, when there is one).  The divisors are found in
+    O(min(num_devices, sqrt(batch))) steps, so a huge batch or device count costs nothing."""
+    found: set[int] = set()
+    k = 1
+    while k * k <= batch and k <= num_devices:
+        if batch % k == 0:
+            found.add(k)
+            if batch // k <= num_devices:
+                found.add(batch // k)
+        k += 1
+    # every divisor above sqrt(batch) is batch // k for a k found above (none can be <=
+    # num_devices when the loop stopped at num_devices < sqrt(batch))
+    return sorted(n for n in found if n % multiple_of == 0)
 
 
 @dataclass

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spindle.validation import format_validation_error
+from spindle.validation import format_validation_error, read_user_file
 
 HARDWARE_FILE = Path(__file__).parent / "hardware.yaml"
 
@@ -172,15 +171,7 @@ def hardware_from_dict(name: str, data: Any, source: str = "<hardware>") -> Hard
 
 
 def _read_yaml(path: Path) -> Any:
-    try:
-        raw = path.read_text()
-    except OSError as err:
-        raise HardwareError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HardwareError(f"{path}: malformed YAML: {first}") from None
+    return read_user_file(path, "yaml", HardwareError)
 
 
 def shipped_hardware() -> list[str]:

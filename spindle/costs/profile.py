@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spindle.io import write_atomic
-from spindle.validation import format_validation_error
+from spindle.validation import format_validation_error, read_user_file
 
 log = logging.getLogger(__name__)
 
@@ -385,15 +385,7 @@ def profile_from_dict(data: Any, source: str = "<profile>") -> Profile:
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile file written by ``spindle profile``."""
     p = Path(path)
-    try:
-        raw = p.read_text()
-    except OSError as err:
-        raise ProfileError(f"{p}: cannot read: {err.strerror}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ProfileError(f"{p}: malformed JSON: {err.msg} (line {err.lineno})") from None
-    return profile_from_dict(data, str(p))
+    return profile_from_dict(read_user_file(p, "json", ProfileError), str(p))
 
 
 def write_profile(profile: Profile, path: str | Path) -> None:

@@ -248,6 +248,7 @@ class ProfilePoints:
 
     profile: Profile
     fallback: HardwareModel | None = None
+    foreign: bool = False  # measured on another workload: said once, the fallbacks quietly
     _warned: set[Signature] = field(default_factory=set, repr=False)
 
     def points(self, op: MetaOp, max_n: int) -> SourcePoints:
@@ -280,9 +281,8 @@ class ProfilePoints:
             raise KeyError(
                 f"profile {self.profile.source} has no entry for {op.name} {signature(op)}"
                            " and there is no hardware model to fall back to")
-        self._warn_once(
-            op, f"not in the profile; using hardware model '{self.fallback.name}'", logging.WARNING
-        )
+        self._warn_once(op, f"not in the profile; using hardware model '{self.fallback.name}'",
+                        logging.INFO if self.foreign else logging.WARNING)
         return HardwarePoints(self.fallback).points(op, max_n)
 
     def _warn_once(self, op: MetaOp, msg: str, level: int = logging.INFO) -> None:
@@ -405,21 +405,26 @@ def make_estimator(
     hardware: str | Path | HardwareModel,
     profile: str | Path | Profile | None = None,
     devices_per_node: int | None = None,
+    workload_fingerprint: str | None = None,
 ) -> FittedEstimator:
     """The planner's estimator: the hardware model (a preset name, a YAML path or a model),
     replaced by measured points wherever ``profile`` (a file, or one already loaded) has an
-    entry for a MetaOp's signature."""
+    entry for a MetaOp's signature.  A profile measured on another workload than the one of
+    ``workload_fingerprint`` is said once (its shared signatures are still used)."""
     hw = hardware if isinstance(hardware, HardwareModel) else load_hardware(hardware)
     if devices_per_node is not None and devices_per_node != hw.devices_per_node:
         hw = hw.with_devices_per_node(devices_per_node)
     source: PointSource
     name = hw.name
-    if isinstance(profile, (str, Path)):
-        source = ProfilePoints(load_profile(profile), hw)
-        name = f"{hw.name}+profile:{Path(profile).name}"
-    elif profile is not None:
-        source = ProfilePoints(profile, hw)
-        name = f"{hw.name}+profile"
+    if profile is not None:
+        measured = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+        foreign = bool(workload_fingerprint and measured.workload_fingerprint
+                       and measured.workload_fingerprint != workload_fingerprint)
+        if foreign:
+            log.warning("%s: measured on workload '%s', not this one: MetaOps of other shapes"
+                        " use the hardware model", measured.source, measured.workload)
+        source = ProfilePoints(measured, hw, foreign)
+        name = f"{hw.name}+profile:{Path(measured.source).name}"
     else:
         source = HardwarePoints(hw)
     return FittedEstimator(source, devices_per_node=hw.devices_per_node, name=name)

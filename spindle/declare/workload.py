@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from spindle.validation import format_validation_error
+from spindle.validation import format_validation_error, read_user_file
 
 BlockKind = Literal["encoder", "decoder", "llm"]
 """``encoder``: pre-LN bidirectional self-attention + GELU MLP.  ``decoder``: causal
@@ -57,6 +55,16 @@ class LayerRef:
         return self.stage == LOSS_STAGE and self.component == ""
 
 
+# Limits of a description, so that every step of planning stays polynomial in its size (a limit
+# is far above any real model: Qwen-7B has 32 layers, hidden 4096, a 151,936-token vocabulary).
+MAX_LAYERS = 100_000
+MAX_WIDTH = 1_000_000  # hidden, ffn, feature dim, output_dim, heads
+MAX_VOCAB = 100_000_000
+MAX_TOKENS = 100_000_000
+MAX_BATCH = 1_000_000_000
+MAX_OPERATORS = 1_000_000  # layers over every stage of every task
+
+
 class WorkloadError(ValueError):
     """A workload that cannot be used; the message is one line naming the problem."""
 
@@ -70,8 +78,8 @@ class InputAdapter(_Strict):
     ``features`` (a linear projection of ``dim`` features per token, e.g. flattened patches)."""
 
     type: Literal["tokens", "features"]
-    vocab: int | None = Field(default=None, gt=0)
-    dim: int | None = Field(default=None, gt=0)
+    vocab: StrictInt | None = Field(default=None, gt=0, le=MAX_VOCAB)
+    dim: StrictInt | None = Field(default=None, gt=0, le=MAX_WIDTH)
 
     @model_validator(mode="after")
     def _check(self) -> "InputAdapter":
@@ -86,13 +94,16 @@ class Component(_Strict):
     """A stack of ``layers`` identical blocks plus its adapter, projection and head."""
 
     kind: BlockKind = "encoder"
-    layers: int = Field(gt=0)
-    hidden: int = Field(gt=0)
-    heads: int = Field(gt=0)
-    ffn: int | None = Field(default=None, gt=0, description="MLP size; default 4 * hidden")
+    layers: StrictInt = Field(gt=0, le=MAX_LAYERS)
+    hidden: StrictInt = Field(gt=0, le=MAX_WIDTH)
+    heads: StrictInt = Field(gt=0, le=MAX_WIDTH)
+    ffn: StrictInt | None = Field(default=None, gt=0, le=MAX_WIDTH,
+                            description="MLP size; default 4 * hidden")
     input: InputAdapter | None = None
-    output_dim: int | None = Field(default=None, gt=0, description="final projection size")
-    vocab: int | None = Field(default=None, gt=0, description="LM head size (lm loss)")
+    output_dim: StrictInt | None = Field(default=None, gt=0, le=MAX_WIDTH,
+                                   description="final projection size")
+    vocab: StrictInt | None = Field(default=None, gt=0, le=MAX_VOCAB,
+                              description="LM head size (lm loss)")
 
     @model_validator(mode="after")
     def _check(self) -> "Component":
@@ -110,10 +121,12 @@ class Stage(_Strict):
 
     name: str = Field(min_length=1)
     component: str = Field(min_length=1)
-    tokens: int = Field(default=0, ge=0, description="raw tokens read through the input adapter")
+    tokens: StrictInt = Field(default=0, ge=0, le=MAX_TOKENS,
+                        description="raw tokens read through the input adapter")
     inputs: tuple[str, ...] = Field(default=(), description="earlier stages, concatenated")
     memory: str | None = Field(default=None, description="stage a decoder cross-attends to")
-    pool_to: int | None = Field(default=None, gt=0, description="average-pool output tokens")
+    pool_to: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS,
+                                description="average-pool output tokens")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -129,7 +142,7 @@ class Loss(_Strict):
 
 class Task(_Strict):
     name: str = Field(min_length=1)
-    batch_size: int = Field(gt=0)
+    batch_size: StrictInt = Field(gt=0, le=MAX_BATCH)
     stages: tuple[Stage, ...] = Field(min_length=1)
     loss: Loss
 
@@ -179,6 +192,11 @@ class Workload(_Strict):
 
 
 def _check_tasks(w: Workload) -> None:
+    operators = sum(w.components[st.component].layers for t in w.tasks for st in t.stages
+                    if st.component in w.components)
+    if operators > MAX_OPERATORS:
+        raise ValueError(f"{operators} operators (layers over every stage of every task): at most"
+                         f" {MAX_OPERATORS} are planned")
     names = set()
     for task in w.tasks:
         where = f"task '{task.name}'"
@@ -278,16 +296,5 @@ def load_workload(name_or_path: str | Path) -> Workload:
                 f"workload '{text_name}': no such file and no shipped workload of that name"
                 f" (shipped: {', '.join(shipped_workloads())})"
             )
-    try:
-        raw = path.read_text()
-    except OSError as err:
-        raise WorkloadError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(raw)
-        else:
-            data = yaml.safe_load(raw)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WorkloadError(f"{path}: malformed file: {first}") from None
+    data = read_user_file(path, "toml" if path.suffix == ".toml" else "yaml", WorkloadError)
     return workload_from_dict(data, str(path))

@@ -9,12 +9,13 @@ exactly those.  Every failure is one :class:`~spindle.plan.contract.PlanError` l
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 from spindle.plan.contract import MetaOp, Plan, PlanError
 from spindle.plan.layout import slice_inputs
+from spindle.validation import read_user_file
 
 
 def plan_from_dict(d: dict[str, Any], source: str = "<plan>") -> Plan:
@@ -27,17 +28,28 @@ def plan_from_dict(d: dict[str, Any], source: str = "<plan>") -> Plan:
 def load_plan(path: str | Path) -> Plan:
     """Read and check a plan file."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{p}: plan file not found") from None
-    except OSError as err:
-        raise PlanError(f"{p}: cannot read plan: {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{p}: malformed JSON: {err.msg} at line {err.lineno}") from None
+    data = read_user_file(p, "json", PlanError)
     if not isinstance(data, dict):
         raise PlanError(f"{p}: malformed plan: expected a JSON object")
     return plan_from_dict(data, str(p))
+
+
+def metaop_difference(got: MetaOp, want: MetaOp, prefix: str = "") -> str:
+    """The first field in which the plan's MetaOp ``got`` (or a part of it) differs from the
+    workload's ``want``, as a phrase."""
+    for f in dataclasses.fields(got):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a):
+            return metaop_difference(a, b, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        if f.name == "layers" and len(a) != len(b):
+            return f"{len(a)} layers in the plan, {len(b)} in the workload"
+        if f.name == "layers":
+            i, x, y = next((i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            return f"layer {i} is {x} in the plan, {y} in the workload"
+        return f"{prefix}{f.name} {a!r} in the plan, {b!r} in the workload"
+    return "no difference"
 
 
 def validate_plan(
@@ -60,8 +72,8 @@ def validate_plan(
             )
         for got, exp in zip(plan.metaops, expected):
             if got != exp:
-                raise PlanError(
-                    f"{where}: MetaOp {got.id} ('{got.name}') does not match the workload")
+                raise PlanError(f"{where}: MetaOp {got.id} ('{got.name}') does not match the"
+                                f" workload: {metaop_difference(got, exp)}")
     for m in plan.metaops:
         for d in m.deps:
             if not 0 <= d < m.id:

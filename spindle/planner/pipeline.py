@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from spindle.costs.cluster import Cluster, load_cluster
+from spindle.costs.cluster import MAX_DEVICES, Cluster, load_cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph, contract
 from spindle.costs.hardware import HardwareModel
@@ -146,8 +146,9 @@ def make_context(
     ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
     ``recompute`` (activation checkpointing) change only the memory model (see
     :mod:`spindle.costs.memory`; the runtime does neither)."""
-    if num_devices is not None and num_devices < 1:
-        raise PlanningError(f"--devices {num_devices}: the device count must be at least 1")
+    if num_devices is not None and not 1 <= num_devices <= MAX_DEVICES:
+        raise PlanningError(f"--devices {num_devices}: the device count must be 1 to"
+                            f" {MAX_DEVICES}")
     if devices_per_node is not None and devices_per_node < 1:
         raise PlanningError(f"--devices-per-node {devices_per_node}: must be at least 1")
     if placement not in PLACEMENTS:
@@ -162,7 +163,7 @@ def make_context(
     measured = None
     if profile:
         measured = load_profile(profile)
-    est = make_estimator(cl.hardware, measured, cl.devices_per_node)
+    est = make_estimator(cl.hardware, measured, cl.devices_per_node, w.fingerprint())
     return PlanningContext(
         w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,

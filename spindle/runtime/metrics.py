@@ -122,13 +122,13 @@ def combine_ranks(
 
 
 class MetricsWriter:
-    """Appends one JSON object per iteration to a file (rank 0 only writes)."""
+    """Appends one JSON object per iteration to a file (rank 0 only writes); what the file
+    held before stays (a resumed or repeated run adds its lines)."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
 
     def write(self, record: IterationMetrics | dict[str, Any]) -> None:
         if self.path is None:

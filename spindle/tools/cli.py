@@ -13,6 +13,7 @@ import sys
 
 from spindle.costs.graph import contract
 from spindle.declare.workload import load_workload, shipped_workloads
+from spindle.io import write_all
 from spindle.layers import provider_for
 from spindle.plan.checks import load_plan
 from spindle.planner.pipeline import (
@@ -27,7 +28,7 @@ from spindle.planner.registry import PLANNERS
 from spindle.tools.demo import run_demo
 from spindle.tools.launcher import add_train_arguments, run_train_command
 from spindle.tools.profile import add_profile_arguments, run_profile_command
-from spindle.tools.report import gantt, summary_text
+from spindle.tools.report import gantt, gantt_format, render_gantt, summary_text
 
 log = logging.getLogger("spindle")
 
@@ -91,13 +92,16 @@ def _baselines(ctx: PlanningContext, skip: str) -> dict[str, PlanResult | str]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    fmt = gantt_format(args.gantt) if args.gantt else None  # a bad name fails before planning
     ctx = _context(args)
     res = evaluate(ctx, args.planner)
     baselines = {} if args.no_baselines else _baselines(ctx, args.planner)
+    outputs: list[tuple[str, str | bytes]] = []
     if args.out:
-        res.plan.save(args.out)
-    if args.gantt:
-        gantt(res.plan, args.gantt)
+        outputs.append((args.out, res.plan.to_json()))
+    if args.gantt and fmt:
+        outputs.append((args.gantt, render_gantt(res.plan, fmt)))
+    write_all(outputs)  # the plan and its chart, or neither
     if args.json:
         sim = res.simulation
         out = {
@@ -176,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planning_arguments(p)
     p.add_argument("--planner", default="spindle", choices=sorted(PLANNERS))
     p.add_argument("--out", "-o", default=None, help="write the plan as JSON here")
-    p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
+    p.add_argument("--gantt", default=None, help="write a Gantt chart (.png .pdf .svg .jpg)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-baselines", action="store_true", help="skip the baseline planners")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("show", help="summarise a plan file (and draw it)")
     p.add_argument("plan")
-    p.add_argument("--gantt", default=None, help="write a Gantt chart (PNG) here")
+    p.add_argument("--gantt", default=None, help="write a Gantt chart (.png .pdf .svg .jpg)")
     p.set_defaults(func=_cmd_show)
 
 

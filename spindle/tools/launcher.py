@@ -15,21 +15,28 @@ import argparse
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import IO
 
 import torch
 
+from spindle.declare.workload import load_workload
 from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
 from spindle.planner.pipeline import make_plan
 from spindle.runtime.config import RunConfig
+from spindle.tools.preflight import check_plan, check_run
 
 log = logging.getLogger(__name__)
 
+MAX_LOCAL_PROCESSES = 1024
+STOP_GRACE_S = 30.0  # how long Ctrl-C waits for torchrun and its ranks to stop
 _TORCHRUN_LOG = re.compile(rb"^[DIWEF]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(elastic|run)")
 """A line of torchrun's own log (glog style: level, date, time, pid, file)."""
 
@@ -69,7 +76,9 @@ def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
 
 def _make_plan(args: argparse.Namespace) -> Plan:
     if args.plan:
-        return load_plan(args.plan)
+        plan = load_plan(args.plan)
+        check_plan(plan, load_workload(args.workload), args.nproc, str(args.plan))
+        return plan
     hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
     return make_plan(args.workload, args.planner, args.nproc,
                      args.devices_per_node or args.nproc, hardware, args.profile)
@@ -77,12 +86,11 @@ def _make_plan(args: argparse.Namespace) -> Plan:
 
 def run_train_command(args: argparse.Namespace) -> int:
     """Plan, launch torchrun, and return its exit status (0 when every rank succeeded)."""
-    if args.nproc < 1:
-        raise ValueError(f"--nproc {args.nproc}: must be at least 1")
-    RunConfig.from_args(args).check()
+    if not 1 <= args.nproc <= MAX_LOCAL_PROCESSES:
+        raise ValueError(f"--nproc {args.nproc}: must be 1 to {MAX_LOCAL_PROCESSES} (processes"
+                         " on this machine; a cluster starts torchrun on every node)")
+    check_run(RunConfig.from_args(args))
     plan = _make_plan(args)
-    if plan.num_devices != args.nproc:
-        raise ValueError(f"the plan is for {plan.num_devices} devices, not --nproc {args.nproc}")
     if args.save_plan:
         plan.save(args.save_plan)
     verbose = bool(getattr(args, "verbose", False))
@@ -95,15 +103,35 @@ def run_train_command(args: argparse.Namespace) -> int:
         if not verbose:
             env.setdefault("LOGLEVEL", "ERROR")  # torchrun's banner and warnings
         log.info("running %s", " ".join(cmd))
-        if verbose:
-            return subprocess.run(cmd, env=env).returncode
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        _forward_without_torchrun_report(proc.stderr, sys.stderr)
-        status = proc.wait()
+        proc = subprocess.Popen(cmd, env=env, stderr=None if verbose else subprocess.PIPE)
+        try:
+            if proc.stderr is not None:
+                _forward_without_torchrun_report(proc.stderr, sys.stderr)
+            status = proc.wait()
+        except KeyboardInterrupt:
+            _stop(proc)  # torchrun stops its ranks; nothing is left behind when we return
+            raise
     if status != 0:
         log.error("training failed (torchrun exit status %d)", status)
     return status
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """After Ctrl-C: make sure torchrun got the interrupt (it stops its ranks, which remove
+    their half-written outputs), swallow what they print about it, and wait for all of them;
+    past ``grace_s`` torchrun is killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    if proc.stderr is not None:  # drained, so that no process blocks on a full pipe
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting politely
+            proc.kill()
 
 
 def _forward_without_torchrun_report(src: IO[bytes], dst: IO[str]) -> None:

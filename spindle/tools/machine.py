@@ -8,11 +8,13 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,28 @@ COLLECTIVE_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 102
 SYNC_TENSORS = 8  # gradients per measured sync: the runtime flattens a pool's many tensors
 P2P_SIZES = (4 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 OPTIMIZER_COPIES = (1, 2, 4, 8)  # parameter sets of 1, 2, 4, 8 copies of the workload's blocks
+
+
+def run_workers(fn: Callable[..., None], args: tuple[object, ...], nprocs: int) -> None:
+    """``fn(rank, *args)`` on ``nprocs`` spawned processes, waited for.  They ignore Ctrl-C (a
+    terminal sends it to them too, and a process still importing torch would print a
+    traceback): on Ctrl-C this process stops them and raises KeyboardInterrupt itself."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the new processes
+    try:
+        context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False,
+                                     start_method="spawn")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        for proc in context.processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in context.processes:
+            proc.join(10)
+        raise
 
 
 def free_port() -> int:
@@ -271,12 +295,8 @@ def measure_machine(
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collective.json")
-        mp.spawn(
-            _collective_worker,
-            args=(processes, free_port(), sizes, repeats, out, p2p_sizes, optimizer_sets,
-                  threads),
-            nprocs=processes, join=True,
-        )
+        run_workers(_collective_worker, (processes, free_port(), sizes, repeats, out, p2p_sizes,
+                                         optimizer_sets, threads), processes)
         raw = json.loads(Path(out).read_text())
     fit = fit_collective([(int(b), float(t)) for b, t in raw["allreduce"]], processes)
     log.info("gloo all-reduce: latency %.1f us, bus bandwidth %.2f GB/s",

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from spindle.costs.profile import ProfileEntry, RuntimeCalibration, Signature
@@ -39,7 +38,7 @@ from spindle.plan.contract import MetaOp, Plan
 from spindle.planner.pipeline import make_plan
 from spindle.runtime.data import make_raw
 from spindle.runtime.executor import TrainingRun
-from spindle.tools.machine import across_ranks, free_port, leave_group
+from spindle.tools.machine import across_ranks, free_port, leave_group, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +266,8 @@ def measure_chains(
     else None."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "chains.json")
-        mp.spawn(_chain_worker, args=(ranks, free_port(), workload, jobs, warmup, repeats,
-                                      threads, budget_s, out, plan), nprocs=ranks, join=True)
+        run_workers(_chain_worker, (ranks, free_port(), workload, jobs, warmup, repeats,
+                                    threads, budget_s, out, plan), ranks)
         raw = json.loads(Path(out).read_text())
         phases = raw["runtime_phases"]
         return [float(t) for t in raw["chains"]], None if phases is None else float(phases)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from spindle.io import write_atomic
+from spindle.io import OutputError, write_atomic
 from spindle.plan.contract import Plan
 from spindle.planner.pipeline import PlanResult
 
@@ -26,7 +26,8 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
         f"  lower bound        {_ms(res.lower_bound_s)}   schedule / LB = "
         f"{sim.schedule_s / res.lower_bound_s:.3f}",
         f"  simulated iteration{_ms(sim.makespan_s)}   = compute {sim.compute_s * 1e3:.2f}"
-        f" + send/recv {sim.send_recv_s * 1e3:.2f} + param sync {sim.sync_s * 1e3:.2f} ms",
+        f" + send/recv {sim.send_recv_s * 1e3:.2f} + param sync {sim.sync_s * 1e3:.2f}"
+        f" + optimizer {sim.optimizer_s * 1e3:.2f} ms",
         f"  send/recv          {res.send_recv_bytes / 1e9:9.3f} GB per iteration"
         f" ({res.send_recv_time_s * 1e3:.2f} ms)",
         f"  peak memory        {res.peak_memory_gb:9.2f} GB per device"
@@ -55,14 +56,31 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
     return "\n".join(lines)
 
 
+GANTT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def gantt_format(path: str | Path) -> str:
+    """The image format a Gantt chart at ``path`` is written in: its extension's, one of
+    :data:`GANTT_FORMATS` (anything else is one :class:`OutputError` line)."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in GANTT_FORMATS:
+        raise OutputError(f"--gantt {path}: write .png, .pdf, .svg or .jpg (got"
+                          f" '{Path(path).suffix or 'no extension'}')")
+    return fmt
+
+
 def gantt(plan: Plan, path: str | Path, title: str | None = None) -> None:
+    """:func:`render_gantt` of ``plan``, written atomically to ``path`` in its format."""
+    write_atomic(Path(path), render_gantt(plan, gantt_format(path), title))
+
+
+def render_gantt(plan: Plan, fmt: str = "png", title: str | None = None) -> bytes:
     """Devices (rows) against time (forward waves, estimator time); one colour per MetaOp,
-    each slice labelled with its MetaOp and layer range.  Written atomically as PNG."""
-    import matplotlib
+    each slice labelled with its MetaOp and layer range; the image in format ``fmt``."""
+    import matplotlib  # here: plotting is the only use, and costs half a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     names = {m.id: m.name for m in plan.metaops}
     cmap = matplotlib.colormaps["tab20"]
     fig_h = min(2 + 0.25 * plan.num_devices, 14)
@@ -96,6 +114,6 @@ def gantt(plan: Plan, path: str | Path, title: str | None = None) -> None:
                  f" {len(plan.waves)} waves")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format=fmt, dpi=110)
     plt.close(fig)
-    write_atomic(Path(path), buf.getvalue())
+    return buf.getvalue()

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -47,7 +48,11 @@ def _die(rank: int | str, reason: str, status: int = 1) -> NoReturn:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """torchrun stops the other ranks with SIGTERM when one fails: say so in one line."""
+    """torchrun stops the other ranks with SIGTERM when one fails (or on Ctrl-C): remove any
+    half-written output, and say so in one line."""
+    from spindle.io import discard_pending  # light, and this may run before the imports below
+
+    discard_pending()
     _die(os.environ.get("RANK", "0"), "stopped by the launcher (another rank failed)",
          128 + signum)
 
@@ -55,13 +60,17 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 if __name__ == "__main__":
     # Before the heavy imports below: torchrun may stop this rank while it is still importing.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # torch's C++ warnings (a peer's socket closing, say) would come before the one line that
+    # says why this rank stops; --verbose shows them (the variable is read when torch loads)
+    if "--verbose" not in sys.argv and "-v" not in sys.argv:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from spindle.declare.workload import Workload, WorkloadError, load_workload  # noqa: E402
-from spindle.io import write_atomic  # noqa: E402
+from spindle.io import OutputError, write_atomic  # noqa: E402
 from spindle.layers import provider_for  # noqa: E402
 from spindle.layers.provider import LayerError  # noqa: E402
 from spindle.plan.checks import load_plan  # noqa: E402
@@ -69,6 +78,7 @@ from spindle.plan.contract import Plan, PlanError  # noqa: E402
 from spindle.runtime.config import ConfigError, RunConfig  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
+from spindle.tools.preflight import check_plan, check_run  # noqa: E402
 
 log = logging.getLogger("spindle.train")
 
@@ -124,20 +134,6 @@ def _setup_logging(rank: int, verbose: bool) -> None:
         root.setLevel(logging.DEBUG if rank == 0 else logging.INFO)
     else:
         root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def check_plan(plan: Plan, workload: Workload, world_size: int, source: str) -> None:
-    """Refuse, before any collective, a plan made for another world size or workload."""
-    if plan.workload_fingerprint != workload.fingerprint():
-        raise TrainError(
-            f"{source}: plan is for workload '{plan.workload}' (fingerprint"
-            f" {plan.workload_fingerprint}), not '{workload.name}' ({workload.fingerprint()})"
-        )
-    if plan.num_devices != world_size:
-        raise TrainError(
-            f"{source}: plan is for {plan.num_devices} devices but {world_size} ranks were"
-            f" launched (use --nproc-per-node {plan.num_devices})"
-        )
 
 
 def choose_device(choice: str, env: RankEnv) -> torch.device:
@@ -218,16 +214,28 @@ def train_plan(
     return run.gather_parameters()
 
 
-def save_parameters(path: Path, params: dict[str, torch.Tensor]) -> None:
-    """``path`` = a dict logical name -> tensor, written atomically."""
+def save_parameters(path: Path, params: dict[str, torch.Tensor]) -> str | None:
+    """``path`` = a dict logical name -> tensor, written atomically.  When that fails (a full
+    disk, a folder made read-only during the run), the trained parameters go to a file of their
+    own in the temporary folder instead, and the returned line says where (None: saved)."""
     buf = io.BytesIO()
     torch.save(params, buf)
-    write_atomic(path, buf.getvalue())
+    try:
+        write_atomic(path, buf.getvalue())
+        return None
+    except OSError as err:
+        fd, rescue = tempfile.mkstemp(prefix="spindle-params-", suffix=".pt")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        return f"{err}; the trained parameters are in {rescue}"
 
 
 def run(args: argparse.Namespace, env: RankEnv) -> None:
     config = RunConfig.from_args(args)
-    config.check()
+    if env.rank == 0:
+        check_run(config)  # the outputs are rank 0's
+    else:
+        config.check()
     workload = load_workload(args.workload)
     provider_for(workload).check_runnable()
     plans = [load_plan(p) for p in args.plan]
@@ -239,15 +247,21 @@ def run(args: argparse.Namespace, env: RankEnv) -> None:
         _barrier(device)
     metrics = MetricsWriter(config.metrics if env.rank == 0 else None)
     labels = _plan_labels(args.plan)
+    failures: list[str] = []
     for plan, label in zip(plans, labels):
         params = train_plan(config, workload, plan, label, env, device, metrics, len(plans) > 1)
         if params is not None and env.rank == 0:
             out = Path(str(config.save)) / ("" if len(plans) == 1 else label) / "params.pt"
-            save_parameters(out, params)
-            log.info("saved %d parameters to %s", len(params), out)
+            failed = save_parameters(out, params)
+            if failed is not None:
+                failures.append(failed)
+            else:
+                log.info("saved %d parameters to %s", len(params), out)
     if env.world_size > 1:
         _barrier(device)  # nobody leaves while another rank may still talk to it
     dist.destroy_process_group()
+    if failures:
+        raise TrainError(failures[0])
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
@@ -259,7 +273,8 @@ def _one_line(err: BaseException) -> str:
     as 'lost contact with another rank', anything else with its type."""
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError, ConfigError)):
+    if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError, ConfigError,
+                        OutputError)):
         return first or type(err).__name__
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

@@ -59,7 +59,7 @@ def test_plan_for_another_workload_or_missing_plan_is_one_line(tmp_path: Path) -
     sequential_hand_plan(load_workload("tiny-ofasys"), 1).save(plan_path)
     for args, want in [
         (["tiny-qwen-val", "--plan", str(plan_path)], "plan is for workload 'tiny-ofasys'"),
-        (["tiny-qwen-val", "--plan", str(tmp_path / "nope.json")], "plan file not found"),
+        (["tiny-qwen-val", "--plan", str(tmp_path / "nope.json")], "nope.json: no such file"),
         (["tiny-ofasys", "--plan", str(plan_path), "--min-bucket-bytes", "-1"],
          "--min-bucket-bytes -1: must be at least 0"),
     ]:

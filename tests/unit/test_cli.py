@@ -51,9 +51,10 @@ def test_workloads_lists_all(capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["plan", "no-such", "--devices", "8"], "no shipped workload"),
-    (["plan", "tiny-ofasys", "--devices", "0"], "at least 1"),
+    (["plan", "tiny-ofasys", "--devices", "0"], "must be 1 to 65536"),
+    (["plan", "tiny-ofasys", "--devices", "1000000000"], "must be 1 to 65536"),
     (["plan", "tiny-ofasys", "--devices", "4", "--hardware", "nope"], "nope"),
-    (["show", "/nonexistent/plan.json"], "not found"),
+    (["show", "/nonexistent/plan.json"], "no such file"),
 ])
 def test_errors_are_one_line(capsys, argv, needle):
     code, out, err = run_cli(capsys, *argv)

@@ -24,7 +24,8 @@ ALLOWED = {
     "planner": {"declare", "plan", "layers", "costs"},
     "runtime": {"declare", "plan", "layers"},  # the plan and the layers, never the planner
     "tools": {"declare", "plan", "layers", "costs", "planner", "runtime"},
-    "train": {"tools"},
+    "train": {"tools"},  # python -m spindle.train, the torchrun entry
+    "__main__": {"tools"},  # the spindle command
 }
 
 

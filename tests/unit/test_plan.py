@@ -66,7 +66,7 @@ def test_validation_rules():
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(PlanError, match="not found"):
+    with pytest.raises(PlanError, match="missing.json: no such file"):
         load_plan(tmp_path / "missing.json")
     f = tmp_path / "bad.json"
     f.write_text("{not json")

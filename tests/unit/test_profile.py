@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from spindle.costs.graph import contract
-from spindle.costs.profile import PROFILE_SCHEMA_VERSION, ProfileError, load_profile
+from spindle.costs.profile import ProfileError, load_profile
 from spindle.costs.scalability import make_estimator, signature
 from spindle.declare.workload import load_workload
 from spindle.layers import provider_for
@@ -25,7 +25,7 @@ from spindle.tools.profile import (
     block_flops,
     run_profile_command,
 )
-from tests.fixtures import profile_args
+from tests.fixtures import profile_args, valid_profile_dict
 
 
 def test_every_block_kind_times_positive() -> None:
@@ -67,7 +67,7 @@ def test_estimator_uses_a_chain_entry_as_is_and_scales_a_block_entry(tmp_path: P
         ("chain", 3, op.cost.flops_per_layer, 1e-3),
         ("block", 2, block_flops(op), 1e-3 * op.cost.flops_per_layer / block_flops(op)),
     ):
-        data = _valid_profile()
+        data = valid_profile_dict()
         data["schema_version"] = version
         e = data["entries"][0]
         e["flops_per_layer"] = flops
@@ -81,7 +81,7 @@ def test_estimator_uses_a_chain_entry_as_is_and_scales_a_block_entry(tmp_path: P
 
 
 def test_chain_entries_need_version_3(tmp_path: Path) -> None:
-    data = _valid_profile()
+    data = valid_profile_dict()
     data["schema_version"] = 2
     data["entries"][0]["measurement"] = "chain"
     p = tmp_path / "v2chain.json"
@@ -130,22 +130,6 @@ def test_fit_collective_recovers_latency_and_bandwidth() -> None:
     assert fit.allreduce_time(1e6, 4) == pytest.approx(lat + 1.5 * 1e6 / bw)
 
 
-def _valid_profile() -> dict[str, Any]:
-    return {
-        "schema_version": PROFILE_SCHEMA_VERSION, "kind": "spindle-profile", "workload": "w",
-        "devices": 2, "repeats": 3, "threads_per_device": 1, "dtype": "float32", "grad_bytes": 4,
-        "torch_version": "2.x", "machine": {"cpu": "x"},
-        "collective": {"backend": "gloo", "processes": 2, "latency_s": 1e-4, "bandwidth_Bps": 1e9},
-        "entries": [{
-            "signature": {"kind": "encoder", "hidden": 32, "heads": 4, "ffn": 128, "tokens": 9,
-                          "memory_tokens": 0, "batch": 8},
-            "params_per_layer": 12704, "flops_per_layer": 1e6,
-            "points": [{"n": 1, "compute_s": 1e-3, "sync_s": 0.0},
-                       {"n": 2, "compute_s": 6e-4, "sync_s": 2e-4}],
-        }],
-    }
-
-
 @pytest.mark.parametrize(
     "mutate, needle",
     [
@@ -159,7 +143,7 @@ def _valid_profile() -> dict[str, Any]:
     ],
 )
 def test_load_profile_errors_are_one_line(tmp_path: Path, mutate: Any, needle: str) -> None:
-    data = _valid_profile()
+    data = valid_profile_dict()
     mutate(data)
     p = tmp_path / "prof.json"
     p.write_text(json.dumps(data))
@@ -170,13 +154,13 @@ def test_load_profile_errors_are_one_line(tmp_path: Path, mutate: Any, needle: s
 
 
 def test_load_profile_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(ProfileError, match="cannot read"):
+    with pytest.raises(ProfileError, match="missing.json: no such file"):
         load_profile(tmp_path / "missing.json")
     p = tmp_path / "bad.json"
     p.write_text("{not json")
     with pytest.raises(ProfileError, match="malformed JSON"):
         load_profile(p)
-    p.write_text(json.dumps(_valid_profile()))
+    p.write_text(json.dumps(valid_profile_dict()))
     prof = load_profile(p)
     assert len(prof.entries) == 1 and issubclass(ProfileError, ValueError)
 
@@ -184,7 +168,7 @@ def test_load_profile_file_errors(tmp_path: Path) -> None:
 
 
 def test_version_1_profile_still_loads_without_the_new_measurements(tmp_path: Path) -> None:
-    data = _valid_profile()
+    data = valid_profile_dict()
     data["schema_version"] = 1
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(data))
@@ -193,7 +177,7 @@ def test_version_1_profile_still_loads_without_the_new_measurements(tmp_path: Pa
 
 
 def test_version_2_profile_round_trips_the_new_measurements(tmp_path: Path) -> None:
-    data = _valid_profile()
+    data = valid_profile_dict()
     data["p2p"] = {"backend": "gloo", "latency_s": 2e-4, "bandwidth_Bps": 2e9,
                    "samples": [{"bytes": 4096, "seconds": 2e-4},
                                {"bytes": 1 << 20, "seconds": 7e-4}]}
@@ -236,7 +220,7 @@ def test_fit_optimizer_and_p2p_recover_their_lines() -> None:
 def test_runtime_calibration_round_trips_and_is_validated(tmp_path: Path) -> None:
     from spindle.costs.profile import write_profile
 
-    data = _valid_profile()
+    data = valid_profile_dict()
     data["runtime"] = {"wave_overhead_s": 2e-4, "iteration_s": 0.03, "chains_s": 0.028,
                        "waves": 10}
     p = tmp_path / "v4.json"

@@ -1,0 +1,69 @@
+"""What is checked before a training run starts any process: one place for ``spindle train`` and
+for the torchrun entry, so that a bad plan or an unwritable output is one line, at once.
+
+* the plan is for this workload and world size, and its MetaOps are exactly the workload's
+  contraction (a hand-edited plan that drops a layer or changes a batch is refused, naming the
+  first difference);
+* the run options are usable (:meth:`spindle.runtime.config.RunConfig.check`);
+* the outputs can be written: ``--save`` is a folder (or can be made one) that takes a file,
+  ``--metrics`` a file that can be appended to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from spindle.costs.graph import contract
+from spindle.declare.workload import Workload
+from spindle.plan.checks import validate_plan
+from spindle.plan.contract import Plan, PlanError
+from spindle.runtime.config import ConfigError, RunConfig
+
+
+def check_plan(plan: Plan, workload: Workload, world_size: int, source: str) -> None:
+    """Refuse a plan made for another workload or world size, or whose MetaOps are not exactly
+    ``workload``'s contraction; ``source`` names the plan in the message."""
+    if plan.workload_fingerprint != workload.fingerprint():
+        raise PlanError(
+            f"{source}: plan is for workload '{plan.workload}' (fingerprint"
+            f" {plan.workload_fingerprint}), not '{workload.name}' ({workload.fingerprint()})"
+        )
+    if plan.num_devices != world_size:
+        raise PlanError(
+            f"{source}: plan is for {plan.num_devices} devices but {world_size} ranks were"
+            f" launched (use --nproc-per-node {plan.num_devices})"
+        )
+    validate_plan(plan, contract(workload).metaops, source=source)
+
+
+def check_run(config: RunConfig) -> None:
+    """The run options, then every output the run will write."""
+    config.check()
+    if config.save is not None:
+        _check_folder(Path(config.save), "--save")
+    if config.metrics is not None:
+        _check_appendable(Path(config.metrics), "--metrics")
+
+
+def _check_folder(folder: Path, option: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".spindle-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option} {folder}: cannot write there: {err.strerror}") from None
+
+
+def _check_appendable(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        os.close(fd)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot write there: {err.strerror}") from None
