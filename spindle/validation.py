@@ -12,10 +12,13 @@ import yaml
 from pydantic import ValidationError
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
-    """``source: field.path: what is wrong (got value)`` for the first error pydantic found."""
+def format_validation_error(
+    source: str, err: ValidationError, tags: tuple[str, ...] = ()
+) -> str:
+    """``source: field.path: what is wrong (got value)`` for the first error pydantic found;
+    ``tags``: the names of a tagged union's members, left out of the field path."""
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"])
+    loc = ".".join(str(x) for x in e["loc"] if x not in tags)
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"

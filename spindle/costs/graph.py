@@ -42,7 +42,7 @@ class Operator:
         shape."""
         c = self.cost
         return (self.ref.component, c.kind, c.hidden, c.heads, c.ffn, self.batch, c.tokens,
-                c.memory_tokens)
+                c.memory_tokens, c.variant)
 
 
 @dataclass
@@ -129,6 +129,7 @@ def contract(w: Workload, provider: LayerProvider | None = None) -> MetaGraph:
     for chain in chains:
         users[chain[0].ref.component] += 1
 
+    flow = provider.gradient_flow()
     metaops: list[MetaOp] = []
     for c, chain in enumerate(chains):
         first = chain[0]
@@ -138,6 +139,7 @@ def contract(w: Workload, provider: LayerProvider | None = None) -> MetaGraph:
             kind=first.cost.kind, component=component, batch=first.batch, level=level[c],
             deps=tuple(sorted(deps[c])), layers=tuple(o.ref for o in chain),
             cost=_cost(provider, chain, users[component] if component else 1),
+            backward=any(flow[o.ref][1] for o in chain),
         ))
     return MetaGraph(w, provider, metaops, ops)
 
@@ -149,10 +151,13 @@ def _cost(provider: LayerProvider, chain: list[Operator], shared_by: int) -> OpC
     first, last = chain[0].cost, chain[-1].cost
     light_flops = 0.0
     layer_params = extra_params = 0
+    total = trained = 0
     for op in chain:
         light_flops += op.cost.light_flops
-        sizes = list(provider.module_sizes(op.ref).values())
+        sizes = list(provider.module_sizes(op.ref).values()) or [0]  # a loss may have none
         layer_params, extra_params = sizes[0], extra_params + sum(sizes[1:])
+        total += sum(sizes)
+        trained += sum(provider.trainable_size(p) for p in provider.operator_modules(op.ref))
     return OpCost(
         hidden=first.hidden, heads=first.heads, ffn=first.ffn, tokens=first.tokens,
         memory_tokens=first.memory_tokens,
@@ -163,4 +168,5 @@ def _cost(provider: LayerProvider, chain: list[Operator], shared_by: int) -> OpC
         attention_elements_per_sample=first.attention_elements,
         input_elements_per_sample=first.input_elements,
         logit_elements_per_sample=last.logit_elements, shared_by=shared_by,
+        grad_share=trained / total if total else 1.0,
     )

@@ -257,11 +257,16 @@ class MemoryLedger:
     def total(self) -> np.ndarray:
         return self.param_bytes + self.saved + self.transient
 
-    def _per_param_bytes(self, n: int) -> float:
-        # with ZeRO-1 a device pays optimizer/|group| and the group holds at least the slice's
-        # executing devices, so charging optimizer/n when it first takes the parameter is an
-        # upper bound of its final share (memory_report recomputes the exact share)
-        return self.model.param_bytes(1.0, n)
+    def _param_bytes(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """Bytes of each key of ``ids`` on a device that takes it as one of ``n`` executing
+        devices: weights for every element, gradient and optimizer state for the trainable
+        ones.  With ZeRO-1 a device pays optimizer/|group| and the group holds at least the
+        slice's executing devices, so charging optimizer/n when it first takes the key is an
+        upper bound of its final share (:meth:`report` recomputes the exact share)."""
+        assert self.index is not None
+        frozen = self.index.sizes[ids] - self.index.grad_sizes[ids]
+        return (self.index.grad_sizes[ids] * self.model.param_bytes(1.0, n)
+                + frozen * self.model.weight_bytes)
 
     def added_bytes(self, metaop: int, l0: int, l1: int, n: int) -> np.ndarray:
         """Bytes each device would add if it executed layers ``[l0, l1)`` of ``metaop`` as one
@@ -270,10 +275,10 @@ class MemoryLedger:
         m = self.graph.metaops[metaop]
         assert self.index is not None
         ids = self.index.slice_ids(metaop, l0, l1)
-        sizes = self.index.sizes[ids]
-        held = sizes @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
         n_exec = len(executing_devices(m, tuple(range(n))))
-        new_params = (sizes.sum() - held) * self._per_param_bytes(n_exec)
+        per_key = self._param_bytes(ids, n_exec)
+        held = per_key @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
+        new_params = per_key.sum() - held
         act = slice_activation(self.graph.metaops, m, l0, l1, n, self.model)
         return new_params + act.saved + np.maximum(act.transient - self.transient, 0.0)
 
@@ -282,12 +287,11 @@ class MemoryLedger:
         devs = list(executing_devices(m, s.devices))
         assert self.index is not None
         ids = self.index.slice_ids(s.metaop, s.layer_start, s.layer_end)
-        sizes = self.index.sizes[ids]
-        per = self._per_param_bytes(len(devs))
+        per_key = self._param_bytes(ids, len(devs))
         act = slice_activation(self.graph.metaops, m, s.layer_start, s.layer_end, s.n, self.model)
         for d in devs:
             new = ~self.holds[ids, d]
-            self.param_bytes[d] += sizes[new].sum() * per
+            self.param_bytes[d] += per_key[new].sum()
             self.holds[ids, d] = True
             self.saved[d] += act.saved
             self.transient[d] = max(self.transient[d], act.transient)
@@ -298,13 +302,14 @@ class MemoryLedger:
         its final device group."""
         assert self.index is not None
         counts = self.index.sizes @ self.holds  # parameters per device
+        trained = self.index.grad_sizes @ self.holds  # of those, with gradient and optimizer
         if self.model.shard_optimizer:
             group = self.holds.sum(axis=1)  # devices per parameter
-            share = self.index.sizes / np.maximum(group, 1)
+            share = self.index.grad_sizes / np.maximum(group, 1)
             opt = share @ self.holds * self.model.optimizer_bytes
-            param_bytes = counts * (self.model.weight_bytes + self.model.grad_bytes) + opt
         else:
-            param_bytes = counts * self.model.state_bytes_per_param
+            opt = trained * self.model.optimizer_bytes
+        param_bytes = counts * self.model.weight_bytes + trained * self.model.grad_bytes + opt
         devices = [
             DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(self.transient[d]),
                          float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])))
@@ -326,8 +331,9 @@ def memory_report(
 
 
 def pool_sizes(plan: Plan, index: ParameterIndex) -> dict[tuple[int, ...], float]:
-    """Device group -> parameters held by exactly those devices (the runtime's pools D -> {W},
-    docs/method.md section 8.3).  A contrastive-loss slice counts only its executing device."""
+    """Device group -> trainable parameters held by exactly those devices (the runtime's pools
+    D -> {W}, docs/method.md section 8.3: what the sync all-reduces and the optimizer steps).  A
+    contrastive-loss slice counts only its executing device."""
     holds, _ = parameter_use(plan, index)
-    return {group: float(index.sizes[ids].sum())
+    return {group: float(index.grad_sizes[ids].sum())
             for group, ids in parameter_pools(holds).items()}

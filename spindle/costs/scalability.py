@@ -82,7 +82,7 @@ def layer_grad_params(op: MetaOp) -> float:
     encoder of every text task, the LLM of every QWen-VAL task) is all-reduced once per
     iteration, not once per MetaOp, so each MetaOp is charged its 1/shared_by share."""
     own = op.cost.params_per_layer + op.cost.extra_params / max(op.num_layers, 1)
-    return own / max(op.cost.shared_by, 1)
+    return own * op.cost.grad_share / max(op.cost.shared_by, 1)
 
 
 def _cache_key(op: MetaOp) -> tuple[Signature, float, float]:

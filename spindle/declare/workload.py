@@ -13,8 +13,12 @@ Each task has one loss: ``contrastive`` (symmetric InfoNCE between two stages' p
 outputs, with a learnable temperature) or ``lm`` (next-token cross entropy over a stage's own
 raw tokens).
 
-Two equal ways to declare a workload: build :class:`Workload` in Python, or write a YAML/TOML
-file with the same fields and call :func:`load_workload`.  Every check raises
+Components may also be stacks of the user's own ``nn.Module``s (:class:`ModuleStack`, see
+:mod:`spindle.declare.modules`), trained on the tasks' own datasets with their own (``custom``)
+losses; such a workload is built in Python, in a ``.py`` file that defines ``workload()``.
+
+Ways to declare a workload: build :class:`Workload` in Python, write a YAML/TOML file with the
+same fields, or a ``.py`` file; :func:`load_workload` reads the files.  Every check raises
 :class:`WorkloadError` with one line that names the file, the field and the value.
 """
 
@@ -24,10 +28,30 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
+from spindle.declare.limits import (
+    MAX_BATCH,
+    MAX_LAYERS,
+    MAX_OPERATORS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+)
+from spindle.declare.modules import ModuleStack
 from spindle.validation import format_validation_error, read_user_file
 
 BlockKind = Literal["encoder", "decoder", "llm"]
@@ -53,16 +77,6 @@ class LayerRef:
     @property
     def is_loss(self) -> bool:
         return self.stage == LOSS_STAGE and self.component == ""
-
-
-# Limits of a description, so that every step of planning stays polynomial in its size (a limit
-# is far above any real model: Qwen-7B has 32 layers, hidden 4096, a 151,936-token vocabulary).
-MAX_LAYERS = 100_000
-MAX_WIDTH = 1_000_000  # hidden, ffn, feature dim, output_dim, heads
-MAX_VOCAB = 100_000_000
-MAX_TOKENS = 100_000_000
-MAX_BATCH = 1_000_000_000
-MAX_OPERATORS = 1_000_000  # layers over every stage of every task
 
 
 class WorkloadError(ValueError):
@@ -116,6 +130,21 @@ class Component(_Strict):
         return self.ffn if self.ffn is not None else 4 * self.hidden
 
 
+def _component_tag(value: Any) -> str:
+    if isinstance(value, ModuleStack):
+        return "module"
+    if isinstance(value, dict) and value.get("kind") == "module":
+        return "module"
+    return "builtin"
+
+
+ComponentSpec = Annotated[
+    Annotated[Component, Tag("builtin")] | Annotated[ModuleStack, Tag("module")],
+    Discriminator(_component_tag),
+]
+"""A built-in transformer stack, or a stack of the user's modules."""
+
+
 class Stage(_Strict):
     """One component run on one task's data."""
 
@@ -127,6 +156,8 @@ class Stage(_Strict):
     memory: str | None = Field(default=None, description="stage a decoder cross-attends to")
     pool_to: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS,
                                 description="average-pool output tokens")
+    fields: tuple[str, ...] = Field(default=(), description="dataset fields a user stack's pre"
+                                    " module reads (ModuleStack components)")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -135,16 +166,38 @@ class Stage(_Strict):
 
 
 class Loss(_Strict):
-    type: Literal["contrastive", "lm"]
-    inputs: tuple[str, ...] = Field(default=(), description="contrastive: the two stages")
+    """A task's loss: ``contrastive`` or ``lm`` on built-in components, or ``custom``: the
+    callable ``fn(outputs, batch)`` over the outputs of the ``inputs`` stages and the dataset
+    ``fields`` (:mod:`spindle.declare.modules`); ``coupled`` when it needs the whole batch at
+    once (a contrastive loss) rather than being a mean over rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    type: Literal["contrastive", "lm", "custom"]
+    inputs: tuple[str, ...] = Field(default=(), description="contrastive: the two stages;"
+                                    " custom: the stages whose outputs fn reads")
     stage: str | None = Field(default=None, description="lm: the stage whose tokens are predicted")
+    fn: Any = Field(default=None, exclude=True, description="custom: (outputs, batch) -> scalar")
+    fields: tuple[str, ...] = Field(default=(), description="custom: dataset fields fn reads")
+    coupled: StrictBool = False
 
 
 class Task(_Strict):
+    """One data flow.  A task of user stacks reads a map-style ``dataset`` whose items are dicts
+    of tensors (``collate`` merges a list of them; default: stacked field by field); task t's
+    batch at step s is items [s*B, (s+1)*B), wrapping around, or a seeded permutation per
+    epoch with ``shuffle``.  ``weight`` scales the task's loss in the iteration's sum."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
     name: str = Field(min_length=1)
     batch_size: StrictInt = Field(gt=0, le=MAX_BATCH)
     stages: tuple[Stage, ...] = Field(min_length=1)
     loss: Loss
+    dataset: Any = Field(default=None, exclude=True)
+    collate: Any = Field(default=None, exclude=True)
+    shuffle: StrictBool = False
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class Workload(_Strict):
@@ -152,8 +205,9 @@ class Workload(_Strict):
 
     name: str = Field(min_length=1)
     description: str = ""
-    components: dict[str, Component] = Field(min_length=1)
+    components: dict[str, ComponentSpec] = Field(min_length=1)
     tasks: tuple[Task, ...] = Field(min_length=1)
+    _fingerprint: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_references(self) -> "Workload":
@@ -183,12 +237,38 @@ class Workload(_Strict):
                 for st in task.stages}
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The declaration as JSON data (a user stack's modules, datasets and loss callables
+        are not in it).  The fields of user models are left out at their defaults, so that a
+        workload without them has the same fingerprint as before they existed."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for task in data["tasks"]:
+            _drop_defaults(task, {"shuffle": False, "weight": 1.0})
+            _drop_defaults(task["loss"], {"fields": [], "coupled": False})
+            for st in task["stages"]:
+                _drop_defaults(st, {"fields": []})
+        return data
 
     def fingerprint(self) -> str:
-        """A short hash of the workload's content; plans record it to refuse a mismatch."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short hash of the workload's content; plans record it to refuse a mismatch
+        (computed once: a workload is immutable)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
+        data = self.to_dict()
+        modules = {name: c.signature() for name, c in self.components.items()
+                   if isinstance(c, ModuleStack)}
+        if modules:  # a user stack's parameters are not in its fields
+            data["modules"] = modules
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _drop_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for key, value in defaults.items():
+        if key in data and data[key] == value:
+            del data[key]
 
 
 def _check_tasks(w: Workload) -> None:
@@ -197,6 +277,10 @@ def _check_tasks(w: Workload) -> None:
     if operators > MAX_OPERATORS:
         raise ValueError(f"{operators} operators (layers over every stage of every task): at most"
                          f" {MAX_OPERATORS} are planned")
+    user = {isinstance(c, ModuleStack) for c in w.components.values()}
+    if len(user) > 1:
+        raise ValueError("a workload mixes built-in components and user stacks (ModuleStack);"
+                         " make every component one or the other")
     names = set()
     for task in w.tasks:
         where = f"task '{task.name}'"
@@ -220,47 +304,116 @@ def _check_tasks(w: Workload) -> None:
                     later = {s.name for s in task.stages}
                     what = "cycle or out-of-order reference" if ref in later else "unknown stage"
                     raise ValueError(f"{where}, stage '{st.name}': {what} '{ref}'")
-            if st.tokens == 0 and not st.inputs:
-                raise ValueError(f"{where}, stage '{st.name}': reads nothing (tokens 0, no inputs)")
-            if st.tokens > 0 and comp.input is None:
-                raise ValueError(
-                    f"{where}, stage '{st.name}': tokens {st.tokens} but component"
-                    f" '{st.component}' has no 'input' adapter"
-                )
-            if comp.kind == "decoder" and st.memory is None:
-                raise ValueError(f"{where}, stage '{st.name}': decoder component needs 'memory'")
-            if comp.kind != "decoder" and st.memory is not None:
-                raise ValueError(f"{where}, stage '{st.name}': 'memory' needs a decoder component")
+            if isinstance(comp, ModuleStack):
+                _check_user_stage(where, st, comp)
+            else:
+                _check_builtin_stage(where, st, comp)
             seen[st.name] = st
-        loss = task.loss
-        if loss.type == "contrastive":
-            if len(loss.inputs) != 2:
-                raise ValueError(f"{where}: contrastive loss needs exactly 2 inputs")
-            for ref in loss.inputs:
-                if ref not in seen:
-                    raise ValueError(f"{where}: loss input '{ref}' is not a stage")
-                if w.components[seen[ref].component].output_dim is None:
-                    raise ValueError(f"{where}: loss input '{ref}' has no output_dim projection")
-            dims = {w.components[seen[r].component].output_dim for r in loss.inputs}
-            if len(dims) != 1:
-                raise ValueError(f"{where}: contrastive inputs have different output_dim {dims}")
+        if user == {True} and task.loss.type != "custom":
+            raise ValueError(f"{where}: a task of user stacks needs a custom loss (type 'custom',"
+                             f" not '{task.loss.type}')")
+        if task.loss.type == "custom":
+            _check_custom_loss(where, task, seen, user == {True})
         else:
-            if loss.stage not in seen:
-                raise ValueError(f"{where}: lm loss stage '{loss.stage}' is not a stage")
-            st = seen[loss.stage]
-            comp = w.components[st.component]
-            if comp.vocab is None or comp.input is None or comp.input.type != "tokens":
-                raise ValueError(
-                    f"{where}: lm loss stage '{st.name}' needs a component with 'vocab' and a"
-                    " 'tokens' input"
-                )
-            if st.tokens < 2:
-                raise ValueError(f"{where}: lm loss stage '{st.name}' needs at least 2 tokens")
+            _check_builtin_loss(w, where, task, seen)
+        loss = task.loss
         consumed = {r for s in task.stages for r in s.sources}
         consumed |= set(loss.inputs) | ({loss.stage} if loss.stage else set())
         for st in task.stages:
             if st.name not in consumed:
                 raise ValueError(f"{where}: stage '{st.name}' feeds nothing (no loss reaches it)")
+
+
+def _check_builtin_stage(where: str, st: Stage, comp: Component) -> None:
+    where = f"{where}, stage '{st.name}'"
+    if st.fields:
+        raise ValueError(f"{where}: 'fields' is for user stacks; a built-in component reads"
+                         " 'tokens'")
+    if st.tokens == 0 and not st.inputs:
+        raise ValueError(f"{where}: reads nothing (tokens 0, no inputs)")
+    if st.tokens > 0 and comp.input is None:
+        raise ValueError(
+            f"{where}: tokens {st.tokens} but component '{st.component}' has no 'input' adapter")
+    if comp.kind == "decoder" and st.memory is None:
+        raise ValueError(f"{where}: decoder component needs 'memory'")
+    if comp.kind != "decoder" and st.memory is not None:
+        raise ValueError(f"{where}: 'memory' needs a decoder component")
+
+
+def _check_user_stage(where: str, st: Stage, comp: ModuleStack) -> None:
+    where = f"{where}, stage '{st.name}'"
+    for name in ("tokens", "memory", "pool_to"):
+        if getattr(st, name):
+            raise ValueError(f"{where}: '{name}' is for built-in components; a user stack reads"
+                             " dataset 'fields' and earlier stages ('inputs')")
+    if len(set(st.fields)) != len(st.fields):
+        raise ValueError(f"{where}: a field is named twice in {list(st.fields)}")
+    given = len(st.fields) + len(st.inputs)
+    if given == 0:
+        raise ValueError(f"{where}: reads nothing (no fields, no inputs)")
+    if comp.pre is None and given != 1:
+        raise ValueError(f"{where}: {given} inputs but component '{st.component}' has no 'pre'"
+                         " module to combine them (without one a stage reads exactly one)")
+
+
+def _check_builtin_loss(w: Workload, where: str, task: Task, seen: dict[str, Stage]) -> None:
+    loss = task.loss
+    if loss.fn is not None or loss.fields or loss.coupled:
+        raise ValueError(f"{where}: 'fn', 'fields' and 'coupled' are for custom losses")
+    if task.dataset is not None or task.collate is not None or task.shuffle:
+        raise ValueError(f"{where}: a task of built-in components trains on generated data;"
+                         " 'dataset' needs user stacks (ModuleStack)")
+    if task.weight != 1.0:
+        raise ValueError(f"{where}: 'weight' is for custom losses")
+    if loss.type == "contrastive":
+        if len(loss.inputs) != 2:
+            raise ValueError(f"{where}: contrastive loss needs exactly 2 inputs")
+        for ref in loss.inputs:
+            if ref not in seen:
+                raise ValueError(f"{where}: loss input '{ref}' is not a stage")
+            if _builtin(w, seen[ref].component).output_dim is None:
+                raise ValueError(f"{where}: loss input '{ref}' has no output_dim projection")
+        dims = {_builtin(w, seen[r].component).output_dim for r in loss.inputs}
+        if len(dims) != 1:
+            raise ValueError(f"{where}: contrastive inputs have different output_dim {dims}")
+        return
+    if loss.stage not in seen:
+        raise ValueError(f"{where}: lm loss stage '{loss.stage}' is not a stage")
+    st = seen[loss.stage]
+    comp = _builtin(w, st.component)
+    if comp.vocab is None or comp.input is None or comp.input.type != "tokens":
+        raise ValueError(f"{where}: lm loss stage '{st.name}' needs a component with 'vocab' and"
+                         " a 'tokens' input")
+    if st.tokens < 2:
+        raise ValueError(f"{where}: lm loss stage '{st.name}' needs at least 2 tokens")
+
+
+def _check_custom_loss(where: str, task: Task, seen: dict[str, Stage], user: bool) -> None:
+    loss = task.loss
+    if not user:
+        raise ValueError(f"{where}: a custom loss needs user stacks (ModuleStack components)")
+    if not callable(loss.fn):
+        raise ValueError(f"{where}: a custom loss needs 'fn', a callable (outputs, batch) ->"
+                         " scalar")
+    if loss.stage is not None:
+        raise ValueError(f"{where}: a custom loss names its stages in 'inputs', not 'stage'")
+    if not loss.inputs:
+        raise ValueError(f"{where}: a custom loss needs 'inputs' (the stages it reads)")
+    for ref in loss.inputs:
+        if ref not in seen:
+            raise ValueError(f"{where}: loss input '{ref}' is not a stage")
+    if task.dataset is None:
+        raise ValueError(f"{where}: a task of user stacks needs a 'dataset'")
+    if not (hasattr(task.dataset, "__getitem__") and hasattr(task.dataset, "__len__")):
+        raise ValueError(f"{where}: 'dataset' must be map-style (__getitem__ and __len__)")
+    if task.collate is not None and not callable(task.collate):
+        raise ValueError(f"{where}: 'collate' must be callable")
+
+
+def _builtin(w: Workload, component: str) -> Component:
+    comp = w.components[component]
+    assert isinstance(comp, Component)
+    return comp
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -280,11 +433,12 @@ def workload_from_dict(data: Any, source: str = "<workload>") -> Workload:
     try:
         return Workload.model_validate(data)
     except ValidationError as err:
-        raise WorkloadError(format_validation_error(source, err)) from None
+        raise WorkloadError(format_validation_error(source, err, ("builtin", "module"))) from None
 
 
 def load_workload(name_or_path: str | Path) -> Workload:
-    """Load a shipped workload by name, or a ``.yaml``/``.yml``/``.toml`` file by path."""
+    """Load a shipped workload by name, a ``.yaml``/``.yml``/``.toml`` file by path, or a ``.py``
+    file that defines ``workload()`` returning a :class:`Workload`."""
     text_name = str(name_or_path)
     path = Path(text_name)
     if not path.exists():
@@ -296,5 +450,47 @@ def load_workload(name_or_path: str | Path) -> Workload:
                 f"workload '{text_name}': no such file and no shipped workload of that name"
                 f" (shipped: {', '.join(shipped_workloads())})"
             )
+    if path.suffix == ".py":
+        return load_python_workload(path)
     data = read_user_file(path, "toml" if path.suffix == ".toml" else "yaml", WorkloadError)
     return workload_from_dict(data, str(path))
+
+
+def load_python_workload(path: Path) -> Workload:
+    """Run the Python file ``path`` (as its own module; its folder stays importable, for the
+    factories it may call later) and call its ``workload()``; anything that goes wrong is one
+    line naming the file.  Both run with PyTorch's global RNG seeded to 0 (the caller's state is
+    kept), so modules the file builds as instances have the same values in every process."""
+    import runpy
+    import sys
+
+    import torch
+
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            namespace = runpy.run_path(str(path), run_name=f"spindle_workload_{path.stem}")
+        except Exception as err:  # the user's code: any error is theirs, said in one line
+            raise WorkloadError(f"{path}: fails to import: {_one_line(err)}") from None
+        make = namespace.get("workload")
+        if not callable(make):
+            raise WorkloadError(f"{path}: defines no workload() function")
+        try:
+            w = make()
+        except ValidationError as err:
+            raise WorkloadError(format_validation_error(f"{path}: workload()", err,
+                                                        ("builtin", "module"))) from None
+        except Exception as err:
+            raise WorkloadError(f"{path}: workload() fails: {_one_line(err)}") from None
+    if not isinstance(w, Workload):
+        raise WorkloadError(f"{path}: workload() returned {type(w).__name__}, not a"
+                            " spindle Workload")
+    return w
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

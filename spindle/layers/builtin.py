@@ -68,7 +68,14 @@ class BuiltinProvider(LayerProvider):
 
     # --- the workload's structure ----------------------------------------------------------------
     def num_layers(self, component: str) -> int:
-        return self.workload.components[component].layers
+        return self.component(component).layers
+
+    def component(self, name: str) -> Component:
+        """The built-in component ``name``."""
+        comp = self.workload.components[name]
+        if not isinstance(comp, Component):
+            raise LayerError(f"component '{name}' is not a built-in stack")
+        return comp
 
     def context(self, ref: LayerRef) -> tuple[Task, Stage, Component]:
         """The task, stage and component of operator ``ref`` (not a loss operator)."""
@@ -76,19 +83,20 @@ class BuiltinProvider(LayerProvider):
         st = _stage(task, ref.stage)
         if st.component != ref.component:
             raise LayerError(f"operator {ref}: stage '{st.name}' runs component '{st.component}'")
-        comp = self.workload.components[st.component]
+        comp = self.component(st.component)
         if not 0 <= ref.layer < comp.layers:
             raise LayerError(f"operator {ref}: layer out of range 0..{comp.layers - 1}")
         return task, st, comp
 
-    def needs_raw(self, ref: LayerRef) -> bool:
-        """At layer 0 of a stage that reads raw tokens, and at the last layer of an LM loss
-        stage (its targets)."""
+    def fields(self, ref: LayerRef) -> tuple[str, ...]:
+        """The stage's raw tokens (the field named after the stage) at layer 0 of a stage that
+        reads them, and at the last layer of an LM loss stage (its targets)."""
         if ref.is_loss:
-            return False
+            return ()
         task, st, comp = self.context(ref)
-        return (ref.layer == 0 and st.tokens > 0) or (
+        reads = (ref.layer == 0 and st.tokens > 0) or (
             ref.layer == comp.layers - 1 and _is_lm_stage(task, st.name))
+        return (st.name,) if reads else ()
 
     def input_stages(self, ref: LayerRef) -> tuple[str, ...]:
         """The ``inputs`` and ``memory`` of the stage at layer 0, the two loss inputs for a loss
@@ -103,7 +111,7 @@ class BuiltinProvider(LayerProvider):
         """The contrastive embedding [output_dim] of a loss input, else the final hidden states
         [tokens, hidden]."""
         t = self.workload.task(task)
-        comp = self.workload.components[_stage(t, stage).component]
+        comp = self.component(_stage(t, stage).component)
         if _is_contrastive_input(t, stage):
             return ((int(comp.output_dim or 0),),)
         return ((self.workload.stage_output_tokens(t)[stage], comp.hidden),)
@@ -134,7 +142,7 @@ class BuiltinProvider(LayerProvider):
             self.workload.task(rest)  # KeyError for an unknown task
             return ContrastiveLoss()
         comp = self.workload.components.get(head)
-        if comp is None:
+        if not isinstance(comp, Component):
             raise LayerError(f"no module '{path}': no component '{head}'")
         h = comp.hidden
         part, _, tail = rest.partition(".")
@@ -145,7 +153,7 @@ class BuiltinProvider(LayerProvider):
                 return TokenEmbedding(int(comp.input.vocab or 0), h)
             return nn.Linear(int(comp.input.dim or 0), h)
         if part == "in_proj" and tail in self.workload.components:
-            return nn.Linear(self.workload.components[tail].hidden, h)
+            return nn.Linear(self.component(tail).hidden, h)
         if part == "norm":
             return norm(h, rms=comp.kind == "llm")
         if part == "proj" and comp.output_dim is not None:
@@ -182,8 +190,10 @@ class BuiltinProvider(LayerProvider):
     # --- running an operator ---------------------------------------------------------------------
     def run(
         self, ref: LayerRef, modules: Mapping[str, nn.Module], carry: Activation | None,
-        stage_inputs: Mapping[str, Activation], raw: torch.Tensor | None, global_batch: int,
+        stage_inputs: Mapping[str, Activation], batch: Mapping[str, torch.Tensor],
+        global_batch: int,
     ) -> Output:
+        raw = batch.get(ref.stage)
         if ref.is_loss:
             a, b = self.workload.task(ref.task).loss.inputs
             return modules[f"loss.{ref.task}"](stage_inputs[a][0], stage_inputs[b][0])
@@ -259,7 +269,7 @@ class BuiltinProvider(LayerProvider):
         w = self.workload
         task = w.task(ref.task)
         if ref.is_loss:
-            dim = int(w.components[_stage(task, task.loss.inputs[0]).component].output_dim or 0)
+            dim = int(self.component(_stage(task, task.loss.inputs[0]).component).output_dim or 0)
             # the similarity matrix and its gradient: 3 * 2 * B * B * d
             return OperatorCost(LOSS_KIND, dim, 1, 0, 1, 0, layer_flops=6.0 * batch * batch * dim,
                                 light_flops=0.0, carry_elements=float(dim), out_elements=0.0,
@@ -274,7 +284,7 @@ class BuiltinProvider(LayerProvider):
             if st.tokens and comp.input is not None and comp.input.type == "features":
                 light += 6.0 * batch * st.tokens * int(comp.input.dim or 0) * h
             for src in st.sources:
-                src_comp = w.components[_stage(task, src).component]
+                src_comp = self.component(_stage(task, src).component)
                 light += 6.0 * batch * out_tokens[src] * src_comp.hidden * h
         last = ref.layer == comp.layers - 1
         if last and _is_contrastive_input(task, st.name):

@@ -18,12 +18,15 @@ from spindle.layers.provider import Activation, LayerError, LayerProvider, Outpu
 def run_chain(
     provider: LayerProvider, modules: Mapping[str, nn.Module], refs: Sequence[LayerRef],
     inputs: Mapping[str, Activation], carry: Activation | None,
-    raw: Mapping[str, torch.Tensor | None], global_batch: int,
+    batch: Mapping[str, torch.Tensor], global_batch: int,
 ) -> Output:
     """Operators ``refs`` one after another.  The first reads ``carry`` (the previous layer's
     output, when the chain starts inside a stage) or ``inputs`` (stage name -> output of the
-    stages it reads); an operator that starts a stage inside the chain reads the previous
-    operator's output as its stage input.  ``raw``: each stage's raw input rows."""
+    stages it reads; a chain that starts inside a stage without ``carry`` (its stage's earlier
+    layers are another MetaOp) finds the previous layer's output under its own stage); an
+    operator that starts a stage inside the chain reads the previous
+    operator's output as its stage input.  ``batch``: the local rows of the task's data, by
+    field (at least the fields the operators read)."""
     prev: Output | None = carry
     for j, ref in enumerate(refs):
         starts_stage = ref.is_loss or ref.layer == 0
@@ -34,10 +37,12 @@ def run_chain(
         else:
             stage_inputs = inputs if starts_stage else {}
         step_carry = None if starts_stage else prev
+        if j == 0 and not starts_stage and step_carry is None:
+            step_carry = inputs.get(ref.stage)
         if step_carry is not None and not isinstance(step_carry, tuple):
             raise LayerError(f"operator {ref}: the previous operator returned a loss")
-        prev = provider.run(ref, modules, step_carry, stage_inputs,
-                            raw.get(ref.stage) if provider.needs_raw(ref) else None, global_batch)
+        fields = {f: batch[f] for f in provider.fields(ref)}
+        prev = provider.run(ref, modules, step_carry, stage_inputs, fields, global_batch)
     if prev is None:
         raise LayerError("an empty chain of operators")
     return prev

@@ -72,6 +72,7 @@ class OperatorCost:
     attention_elements: float = 0.0  # of those, attention scores a fused kernel does not keep
     input_elements: float = 0.0  # raw features the stage's first layer keeps for backward
     logit_elements: float = 0.0  # LM logits of the stage's last layer (kept in fp32)
+    variant: str = ""  # tells apart layers of one component with different modules
 
 
 class LayerProvider(ABC):
@@ -80,6 +81,7 @@ class LayerProvider(ABC):
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._flow: dict[LayerRef, tuple[bool, bool]] | None = None
 
     @abstractmethod
     def operator_modules(self, ref: LayerRef) -> tuple[str, ...]:
@@ -96,8 +98,9 @@ class LayerProvider(ABC):
         """The initial CPU value, in ``dtype``, of the parameter with logical name ``name``."""
 
     @abstractmethod
-    def needs_raw(self, ref: LayerRef) -> bool:
-        """Whether operator ``ref`` reads its stage's raw input rows."""
+    def fields(self, ref: LayerRef) -> tuple[str, ...]:
+        """The fields of its task's data operator ``ref`` reads (see :mod:`spindle.runtime.data`:
+        a built-in stage's raw tokens are the field named after the stage)."""
 
     @abstractmethod
     def input_stages(self, ref: LayerRef) -> tuple[str, ...]:
@@ -112,12 +115,13 @@ class LayerProvider(ABC):
     @abstractmethod
     def run(
         self, ref: LayerRef, modules: Mapping[str, nn.Module], carry: Activation | None,
-        stage_inputs: Mapping[str, Activation], raw: torch.Tensor | None, global_batch: int,
+        stage_inputs: Mapping[str, Activation], batch: Mapping[str, torch.Tensor],
+        global_batch: int,
     ) -> Output:
         """Operator ``ref`` on the local rows of the batch.  ``carry``: the previous layer's
-        output in the same stage (None where ``input_stages`` is not empty); ``raw``: the
-        stage's raw input rows where :meth:`needs_raw`; ``global_batch``: the task's whole
-        batch, so that every rank's loss share adds up to the task's mean loss."""
+        output in the same stage (None where ``input_stages`` is not empty); ``batch``: the
+        local rows of the :meth:`fields` it reads; ``global_batch``: the task's whole batch, so
+        that every rank's loss share adds up to the task's mean loss."""
 
     @abstractmethod
     def operator_cost(self, ref: LayerRef, batch: int) -> OperatorCost:
@@ -138,6 +142,48 @@ class LayerProvider(ABC):
             if task.loss.type == "contrastive":
                 ops.append(LayerRef(task.name, LOSS_STAGE, "", 0))
         return ops
+
+    def create(self, path: str, seed: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> nn.Module:
+        """The module at ``path`` with its initial parameters, on ``device``: built on the meta
+        device, then every parameter set to :meth:`initial_value` (seed, logical name)."""
+        with torch.device("meta"):
+            module = self.build(path)
+        module = module.to(dtype=dtype).to_empty(device=device)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self.initial_value(f"{path}.{name}", tuple(p.shape), seed, dtype))
+        return module
+
+    def trainable(self, name: str) -> bool:
+        """Whether the parameter with logical name ``name`` is trained (not frozen)."""
+        return True
+
+    def trainable_size(self, path: str) -> int:
+        """Elements of the module at ``path`` that train (gradient, optimizer state, sync)."""
+        return sum(math.prod(s) for n, s in self.parameter_shapes(path).items()
+                   if self.trainable(n))
+
+    def gradient_flow(self) -> dict[LayerRef, tuple[bool, bool]]:
+        """For every operator: (whether a gradient reaches its inputs, whether it runs a
+        backward at all).  A gradient reaches an operator's inputs when something trainable
+        comes before it in its task; it runs a backward when it, or something before it, has
+        a trainable parameter.  A frozen stage that nothing trainable precedes runs forward
+        only, and nothing is sent back to it."""
+        if self._flow is None:
+            flow: dict[LayerRef, tuple[bool, bool]] = {}
+            last: dict[tuple[str, str], bool] = {}  # (task, stage) -> its last op's backward
+            for ref in self.operators():
+                stages = self.input_stages(ref)
+                if stages:
+                    before = any(last[(ref.task, s)] for s in stages)
+                else:
+                    before = ref.layer > 0 and last[(ref.task, ref.stage)]
+                here = any(self.trainable(n) for n in self.operator_parameters(ref))
+                flow[ref] = (before, before or here)
+                last[(ref.task, ref.stage)] = before or here
+            self._flow = flow
+        return self._flow
 
     def check_runnable(self) -> None:
         """Raise :class:`LayerError` (one line) if the runtime cannot run this workload; a
@@ -192,25 +238,16 @@ def parameter_index(provider: LayerProvider, metaops: Sequence[MetaOp]) -> Param
             got = sizes[ref] = provider.module_sizes(ref)
         return got
 
-    return ParameterIndex(metaops, keys_of)
+    return ParameterIndex(metaops, keys_of, provider.trainable_size)
 
 
 def materialise(
     provider: LayerProvider, paths: Iterable[str], seed: int, dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> dict[str, nn.Module]:
-    """The modules at ``paths``, built on the meta device, then given memory on ``device`` and
-    every parameter its initial value by (seed, logical name): nothing else is ever built."""
-    out: dict[str, nn.Module] = {}
-    for path in sorted(set(paths)):
-        with torch.device("meta"):
-            module = provider.build(path)
-        module = module.to(dtype=dtype).to_empty(device=device)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                p.copy_(provider.initial_value(f"{path}.{name}", tuple(p.shape), seed, dtype))
-        out[path] = module
-    return out
+    """The modules at ``paths`` with their initial parameters on ``device``
+    (:meth:`LayerProvider.create`): nothing else is ever built."""
+    return {path: provider.create(path, seed, dtype, device) for path in sorted(set(paths))}
 
 
 def keyed_generator(*key: object) -> torch.Generator:

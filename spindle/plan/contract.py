@@ -55,6 +55,7 @@ class OpCost:
     input_elements_per_sample: float = 0.0  # raw features the stage's first layer keeps
     logit_elements_per_sample: float = 0.0  # LM logits of the last layer (kept in fp32)
     shared_by: int = 1  # MetaOps (this one included) that run the same component's parameters
+    grad_share: float = 1.0  # of the parameters above, the share that trains (0: frozen)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class MetaOp:
     deps: tuple[int, ...]
     layers: tuple[LayerRef, ...]
     cost: OpCost
+    backward: bool = True  # False: frozen, nothing trainable before it; forward only, and no
+    # gradient is sent back to it
 
     @property
     def num_layers(self) -> int:
@@ -179,6 +182,7 @@ class Plan:
                     layers=tuple(LayerRef(str(r["task"]), str(r["stage"]), str(r["component"]),
                                           int(r["layer"])) for r in m["layers"]),
                     cost=_cost_from_dict(dict(m["cost"])),
+                    backward=_strict_bool(m.get("backward", True), "backward"),
                 )
                 for m in d["metaops"]
             )
@@ -206,6 +210,12 @@ class Plan:
             what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             raise PlanError(f"{source}: malformed plan: {what}") from None
         return plan
+
+
+def _strict_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"MetaOp field '{name}' is {value!r}, not true or false")
+    return value
 
 
 def _cost_from_dict(d: dict[str, Any]) -> OpCost:

@@ -174,10 +174,15 @@ def slice_layers(metaops: Sequence[MetaOp], s: Slice) -> tuple[LayerRef, ...]:
 
 class ParameterIndex:
     """Integer ids and sizes (elements) of the parameter keys every operator of ``metaops`` uses,
-    per (MetaOp, layer); ``keys_of(operator)`` names an operator's keys and their sizes."""
+    per (MetaOp, layer); ``keys_of(operator)`` names an operator's keys and their sizes.
+
+    ``grad_sizes`` are the elements of each key that train (``trainable_of(key)``; all of them
+    by default): only those have gradients, optimizer state and a sync.  ``sizes`` count every
+    element (the weights a device holds)."""
 
     def __init__(self, metaops: Sequence[MetaOp],
-                 keys_of: Callable[[LayerRef], Mapping[str, int]]) -> None:
+                 keys_of: Callable[[LayerRef], Mapping[str, int]],
+                 trainable_of: Callable[[str], int] | None = None) -> None:
         ids: dict[str, int] = {}
         sizes: list[int] = []
         self.layer_ids: list[list[np.ndarray]] = []
@@ -195,6 +200,8 @@ class ParameterIndex:
         self.names = list(ids)
         self.ids = ids
         self.sizes = np.asarray(sizes, dtype=np.float64)
+        self.grad_sizes = self.sizes if trainable_of is None else np.asarray(
+            [trainable_of(name) for name in self.names], dtype=np.float64)
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -280,11 +287,12 @@ def sync_buckets(
     waves = ready.tolist()
     pools = parameter_pools(holds)
     for group in sorted(pools, key=lambda g: (len(g), g)):
-        ids = pools[group]
-        if len(group) < 2:
+        # keys with nothing to train have no gradient to sync
+        ids = [i for i in pools[group] if index.grad_sizes[i] > 0]
+        if len(group) < 2 or not ids:
             continue
         ordered = sorted(ids, key=lambda i: (-waves[i], index.names[i]))
-        nbytes = {i: float(index.sizes[i]) * element_bytes for i in ordered}
+        nbytes = {i: float(index.grad_sizes[i]) * element_bytes for i in ordered}
         for run in sync_bucket_runs([(i, waves[i], nbytes[i]) for i in ordered],
                                     bucket_bytes, min_bucket_bytes):
             out.append(SyncBucket(group, tuple(run), sum(nbytes[i] for i in run),

@@ -175,7 +175,7 @@ class _Placer:
         ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
         holds = self.ledger.holds[ids]
         if holds.any():
-            sizes = index.sizes[ids]
+            sizes = index.grad_sizes[ids]  # what the devices holding them will all-reduce
             dev += (sizes @ holds) * self.param_dev_s
             pad = self.n_nodes * self.dpn - self.n_dev
             if pad:

@@ -65,6 +65,9 @@ class RunConfig:
     min_bucket_bytes: int = field(default=SYNC_MIN_BUCKET_BYTES, metadata=_opt(
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
         f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)", metavar="N"))
+    data_workers: int = field(default=0, metadata=_opt(
+        "DataLoader worker processes per task and rank for a task's own dataset (0: load in the"
+        " rank's process)", metavar="N"))
     progress: bool = field(default=True, metadata=_opt("no progress bar", flag="--no-progress"))
 
     @property
@@ -80,6 +83,8 @@ class RunConfig:
             if not math.isfinite(value) or value < 0 or (value == 0 and name != "weight_decay"):
                 what = "at least 0" if name == "weight_decay" else "above 0"
                 raise ConfigError(f"{_flag(name)} {value}: must be a finite number {what}")
+        if not 0 <= self.data_workers <= 64:
+            raise ConfigError(f"--data-workers {self.data_workers}: must be 0 to 64")
         if self.min_bucket_bytes < 0:
             raise ConfigError(f"--min-bucket-bytes {self.min_bucket_bytes}: must be at least 0")
 

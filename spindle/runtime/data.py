@@ -1,4 +1,12 @@
-"""Synthetic, learnable training data, deterministic from (seed, task, stage, step).
+"""Training data: each task's rows at a step, by field (:func:`task_data`).
+
+A workload of user stacks reads each task's own dataset (:class:`DatasetData`: the rows of
+:func:`spindle.declare.datasets.item_indices`, loaded through a ``torch.utils.data.DataLoader``
+that prefetches the next steps, with worker processes if asked).  A built-in workload trains on
+generated data (:class:`GeneratedData`), whose field for a stage's raw tokens is the stage's
+name.
+
+Generated data: synthetic, learnable, deterministic from (seed, task, stage, step).
 
 Every sample of a task's batch at a step has a hidden *class* in [0, NUM_CLASSES), drawn from
 (seed, task, step), so all stages of one sample agree on it.  Each component renders a class as
@@ -12,9 +20,14 @@ two steps see the same batch.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
+from typing import Any
 
-from spindle.declare.workload import Workload
+import torch
+from torch.utils.data import DataLoader
+
+from spindle.declare.datasets import check_fields, collate, item_indices, probe
+from spindle.declare.workload import Component, ModuleStack, Task, Workload
 from spindle.layers.provider import LayerError, keyed_generator
 
 NUM_CLASSES = 16
@@ -32,6 +45,7 @@ def sample_classes(workload: Workload, task: str, step: int, seed: int) -> torch
 def token_range(workload: Workload, component: str) -> int:
     """Tokens are drawn in [0, token_range): inside both the embedding and the LM head."""
     comp = workload.components[component]
+    assert isinstance(comp, Component)
     if comp.input is None or comp.input.vocab is None:
         raise LayerError(f"component '{component}' has no 'tokens' input adapter")
     return min(comp.input.vocab, comp.vocab) if comp.vocab is not None else comp.input.vocab
@@ -49,6 +63,7 @@ def make_raw(
     if st.tokens == 0:
         return None
     comp = workload.components[st.component]
+    assert isinstance(comp, Component)
     if comp.input is None:  # the workload validator already refuses this
         raise LayerError(f"{task}/{stage}: tokens {st.tokens} but no input adapter")
     classes = sample_classes(workload, task, step, seed)
@@ -66,3 +81,80 @@ def make_raw(
     proto = torch.randn(NUM_CLASSES, st.tokens, dim, generator=proto_gen)
     noise = torch.randn(batch, st.tokens, dim, generator=noise_gen)
     return proto[classes] + FEATURE_NOISE * noise
+
+
+class TaskData:
+    """One task's data: :meth:`rows` gives rows [start, end) of its batch at a step, by field
+    (CPU tensors)."""
+
+    def rows(self, step: int, start: int, end: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class GeneratedData(TaskData):
+    """The generated data of a built-in task: one field per stage that reads raw tokens."""
+
+    def __init__(self, workload: Workload, task: str, seed: int) -> None:
+        self.workload, self.task, self.seed = workload, task, seed
+        self._step: int | None = None
+        self._full: dict[str, torch.Tensor] = {}
+
+    def rows(self, step: int, start: int, end: int) -> dict[str, torch.Tensor]:
+        if self._step != step:
+            self._full = {}
+            for st in self.workload.task(self.task).stages:
+                raw = make_raw(self.workload, self.task, st.name, step, self.seed)
+                if raw is not None:
+                    self._full[st.name] = raw
+            self._step = step
+        return {name: full[start:end] for name, full in self._full.items()}
+
+
+class _StepRows:
+    """Batch sampler: the dataset indices of rows [start, end) of every step from ``first``."""
+
+    def __init__(self, task: Task, seed: int, first: int, start: int, end: int) -> None:
+        self.task, self.seed, self.first, self.start, self.end = task, seed, first, start, end
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.first
+        while True:
+            yield item_indices(self.task, self.seed, step, self.start, self.end)
+            step += 1
+
+
+class DatasetData(TaskData):
+    """A user task's dataset, read through a DataLoader per row range (its iterator runs ahead
+    by ``prefetch`` steps per worker when ``workers`` > 0)."""
+
+    def __init__(self, task: Task, seed: int, workers: int = 0, prefetch: int = 2) -> None:
+        self.task, self.seed, self.workers, self.prefetch = task, seed, workers, prefetch
+        self.reference = probe(task)
+        self._streams: dict[tuple[int, int], tuple[int, Iterator[Any]]] = {}
+
+    def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return collate(self.task, items)
+
+    def rows(self, step: int, start: int, end: int) -> dict[str, torch.Tensor]:
+        key = (start, end)
+        got = self._streams.get(key)
+        if got is None or got[0] != step:
+            loader = DataLoader(
+                self.task.dataset, batch_sampler=_StepRows(self.task, self.seed, step, start, end),
+                collate_fn=self._collate, num_workers=self.workers,
+                prefetch_factor=self.prefetch if self.workers else None,
+                persistent_workers=False,
+            )
+            got = (step, iter(loader))
+        batch: dict[str, torch.Tensor] = next(got[1])
+        self._streams[key] = (step + 1, got[1])
+        first = item_indices(self.task, self.seed, step, start, start + 1)[0]
+        check_fields(self.task, batch, self.reference, first)
+        return batch
+
+
+def task_data(workload: Workload, task: str, seed: int, workers: int = 0) -> TaskData:
+    """The data of ``task``: its dataset for user stacks, else generated."""
+    if any(isinstance(c, ModuleStack) for c in workload.components.values()):
+        return DatasetData(workload.task(task), seed, workers)
+    return GeneratedData(workload, task, seed)

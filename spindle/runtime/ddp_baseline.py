@@ -45,7 +45,7 @@ from spindle.runtime.reference import ReferenceModel
 
 log = logging.getLogger(__name__)
 
-RawBatch = dict[str, dict[str, torch.Tensor | None]]  # task -> stage -> this rank's raw rows
+RawBatch = dict[str, dict[str, torch.Tensor]]  # task -> field -> this rank's rows
 
 
 def rank_rows(batch: int, rank: int, world: int) -> slice:
@@ -77,13 +77,13 @@ class ShardedTasks(nn.Module):
         parts: list[torch.Tensor] = []
         values: dict[str, torch.Tensor] = {}
         for task in self.model.workload.tasks:
-            contrastive = task.loss.type == "contrastive"
+            coupled = self.model.coupled(task.name)
             loss = self.model.task_loss(
                 task.name, step, self.rows(task.name),
-                gather=_gather_rows if contrastive else None, raw=raw[task.name],
+                gather=_gather_rows if coupled else None, batch=raw[task.name],
             )
             values[task.name] = loss.detach()
-            parts.append(loss if contrastive else loss * self.world)
+            parts.append(loss if coupled else loss * self.world)
         return torch.stack(parts).sum(), values
 
 
@@ -135,7 +135,7 @@ def run_ddp_baseline(
         for step in range(warmup + steps):
             # data loading is not timed: a real input pipeline prefetches it
             raw = {
-                t.name: model.raw_inputs(t.name, step, sharded.rows(t.name))
+                t.name: model.batch_rows(t.name, step, sharded.rows(t.name))
                 for t in workload.tasks
             }
             _sync(device)

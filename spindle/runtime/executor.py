@@ -35,7 +35,7 @@ from spindle.layers.provider import Activation
 from spindle.plan.contract import Plan, Slice
 from spindle.plan.layout import RowRange, SliceRef, ValueKey
 from spindle.runtime.config import RunConfig
-from spindle.runtime.data import make_raw
+from spindle.runtime.data import TaskData, task_data
 from spindle.runtime.localise import (
     LocalModel,
     localise,
@@ -79,6 +79,7 @@ class WaveExecutor:
         seed: int,
         dtype: torch.dtype,
         device: torch.device,
+        data_workers: int = 0,
     ) -> None:
         self.plan = plan
         self.rank = rank
@@ -91,31 +92,38 @@ class WaveExecutor:
         self.dtype = dtype
         self.device = device
         self.my_slices: dict[int, tuple[SliceRef, Slice]] = slices_of_rank(plan, rank)
-        self._raw: dict[tuple[str, str, RowRange], torch.Tensor | None] = {}
+        self.data: dict[str, TaskData] = {
+            t.name: task_data(self.provider.workload, t.name, seed, data_workers)
+            for t in self.provider.workload.tasks}
+        self._batch: dict[tuple[str, RowRange], dict[str, torch.Tensor]] = {}
         # called with every wave index after its backward and gradient send (the sync overlap)
         self.after_backward: Callable[[int], None] | None = None
 
     # -- input data -----------------------------------------------------------------------------
     def prepare_data(self, step: int) -> None:
-        """Generate this rank's raw input rows for ``step`` (kept apart from the timed phases)."""
-        self._raw = {}
-        full_batches: dict[tuple[str, str], torch.Tensor | None] = {}
+        """Load this rank's rows of ``step``'s data (kept apart from the timed phases): for each
+        task, the span of rows its slices read, once, then each slice's rows and fields."""
+        self._batch = {}
+        wanted: dict[tuple[str, RowRange], set[str]] = {}
         for _, s in self.my_slices.values():
             metaop = self.plan.metaops[s.metaop]
             rows = rows_on(self.plan, s, self.rank)
             assert rows is not None
-            for op in metaop.layers[s.layer_start:s.layer_end]:
-                key = (op.task, op.stage, rows)
-                if key in self._raw or not self.provider.needs_raw(op):
-                    continue
-                if (op.task, op.stage) not in full_batches:
-                    full_batches[(op.task, op.stage)] = make_raw(
-                        self.provider.workload, op.task, op.stage, step, self.seed)
-                full = full_batches[(op.task, op.stage)]
-                self._raw[key] = None if full is None else self._local_rows(full, rows)
+            fields = {f for op in metaop.layers[s.layer_start:s.layer_end]
+                      for f in self.provider.fields(op)}
+            if fields:
+                wanted.setdefault((metaop.task, rows), set()).update(fields)
+        spans: dict[str, tuple[int, int]] = {}
+        for task, rows in wanted:
+            lo, hi = spans.get(task, (rows.start, rows.end))
+            spans[task] = (min(lo, rows.start), max(hi, rows.end))
+        loaded = {task: self.data[task].rows(step, lo, hi) for task, (lo, hi) in spans.items()}
+        for (task, rows), fields in wanted.items():
+            lo = spans[task][0]
+            self._batch[(task, rows)] = {
+                f: self._local(loaded[task][f][rows.start - lo:rows.end - lo]) for f in fields}
 
-    def _local_rows(self, full: torch.Tensor, rows: RowRange) -> torch.Tensor:
-        part = full[rows.start:rows.end]
+    def _local(self, part: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype if part.is_floating_point() else part.dtype
         return part.to(device=self.device, dtype=dtype)
 
@@ -135,7 +143,8 @@ class WaveExecutor:
                 continue
             ref, s = mine
             with self.timer.phase("compute"):
-                leaves = {eid: _as_leaves(act) for eid, act in arrived.items()}
+                leaves = {eid: _as_leaves(act, self.schedule.edges[eid].grad)
+                          for eid, act in arrived.items()}
                 out = self._run_slice(ref, s, leaves)
                 value = (s.metaop, s.layer_end - 1)
                 records[w] = _SliceRecord(ref, value, leaves, out)
@@ -182,8 +191,8 @@ class WaveExecutor:
             for e in edges:
                 inputs[self.plan.metaops[e.value[0]].layers[-1].stage] = leaves[e.id]
         refs = metaop.layers[s.layer_start:s.layer_end]
-        raw = {op.stage: self._raw.get((op.task, op.stage, rows)) for op in refs}
-        return run_chain(self.provider, self.local.modules, refs, inputs, carry, raw,
+        batch = self._batch.get((metaop.task, rows), {})
+        return run_chain(self.provider, self.local.modules, refs, inputs, carry, batch,
                          metaop.batch)
 
     def _backward_slice(
@@ -206,10 +215,12 @@ class WaveExecutor:
             torch.autograd.backward(roots, grads)
 
 
-def _as_leaves(act: Activation) -> Activation:
-    """Inputs of a slice: detached from the sender; floating tensors require grad."""
+def _as_leaves(act: Activation, grad: bool) -> Activation:
+    """Inputs of a slice: detached from the sender; floating tensors require grad when a
+    gradient goes back to their producer (``grad``, from the plan)."""
     return tuple(
-        t.detach().requires_grad_(True) if t.is_floating_point() else t.detach() for t in act
+        t.detach().requires_grad_(True) if grad and t.is_floating_point() else t.detach()
+        for t in act
     )
 
 
@@ -247,16 +258,17 @@ class TrainingRun:
         self.groups = ParameterGroups(
             plan, self.local.index, self.local.members, rank, world_size, device, dtype,
             overlap=config.overlap_sync, min_bucket_bytes=config.min_bucket_bytes,
-            timeout_s=config.timeout,
+            timeout_s=config.timeout, trainable=provider.trainable,
         )
         schedule = TransmissionSchedule.build(plan)
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout)
         self.timer = PhaseTimer(device)
         self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
-                                     config.seed, dtype, device)
+                                     config.seed, dtype, device, config.data_workers)
         if config.overlap_sync:
             self.executor.after_backward = self._launch_ready
-        params = list(self.local.params.values())
+        # frozen parameters (requires_grad False) have no gradient and no optimizer state
+        params = [p for p in self.local.params.values() if p.requires_grad]
         self.optimizer = (
             # foreach: the multi-tensor kernels, bit-identical to the per-tensor loop, faster
             torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -92,6 +92,7 @@ class ParameterGroups:
         bucket_bytes: int = SYNC_BUCKET_BYTES,
         min_bucket_bytes: int = SYNC_MIN_BUCKET_BYTES,
         timeout_s: float | None = None,
+        trainable: Callable[[str], bool] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -119,12 +120,13 @@ class ParameterGroups:
                 list(ranks), timeout=timedelta(seconds=timeout_s) if timeout_s else None,
             ) if world_size > 1 else None
         element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1
-        self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = [
-            (b, tuple(n for k in b.keys for n in members[index.names[k]]))
-            for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes,
-                                  min_bucket_bytes)
-            if rank in b.group
-        ]
+        # frozen parameters have no gradient to sync (the same rule on every rank)
+        self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = []
+        for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes):
+            names = tuple(n for k in b.keys for n in members[index.names[k]]
+                          if trainable is None or trainable(n))
+            if rank in b.group and names:
+                self.buckets.append((b, names))
         self._pending: list[BucketSum] = []
         self._launched: set[int] = set()
         log.debug("rank %d: %d process groups, %d buckets", rank, len(self._groups),

@@ -19,7 +19,7 @@ from spindle.declare.workload import LOSS_STAGE, LayerRef, Workload
 from spindle.layers import provider_for
 from spindle.layers.chain import run_chain
 from spindle.layers.provider import Activation, materialise
-from spindle.runtime.data import make_raw
+from spindle.runtime.data import task_data
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class ReferenceModel(nn.Module):
         self.paths = sorted(paths)
         self.mods = nn.ModuleDict({module_key(p): m for p, m in
                                    materialise(self.provider, paths, seed, dtype).items()})
+        self._data = {t.name: task_data(workload, t.name, seed) for t in workload.tasks}
 
     @property
     def by_path(self) -> dict[str, nn.Module]:
@@ -56,46 +57,53 @@ class ReferenceModel(nn.Module):
         out = {f"{p}.{n}": prm for p, m in self.by_path.items() for n, prm in m.named_parameters()}
         return dict(sorted(out.items()))
 
-    def raw_inputs(
+    def batch_rows(
         self, task: str, step: int, rows: slice = slice(None)
-    ) -> dict[str, torch.Tensor | None]:
-        """Raw input rows of every stage of ``task`` at ``step``, on this model's device."""
+    ) -> dict[str, torch.Tensor]:
+        """``rows`` of ``task``'s data at ``step`` by field, on this model's device (floating
+        fields in its dtype)."""
         like = next(iter(self.parameters()))
-        out: dict[str, torch.Tensor | None] = {}
-        for st in self.workload.task(task).stages:
-            raw = make_raw(self.workload, task, st.name, step, self.seed)
-            if raw is not None:
-                dtype = like.dtype if raw.is_floating_point() else raw.dtype
-                raw = raw[rows].to(device=like.device, dtype=dtype)
-            out[st.name] = raw
-        return out
+        start, stop, _ = rows.indices(self.workload.task(task).batch_size)
+        got = self._data[task].rows(step, start, stop)
+        return {f: t.to(device=like.device, dtype=like.dtype if t.is_floating_point() else t.dtype)
+                for f, t in got.items()}
+
+    def coupled(self, task: str) -> bool:
+        """Whether ``task``'s loss needs the whole batch at once (gathered across ranks)."""
+        loss = self.workload.task(task).loss
+        return loss.type == "contrastive" or (loss.type == "custom" and loss.coupled)
 
     def task_loss(
         self, task: str, step: int, rows: slice = slice(None), gather: Gather | None = None,
-        raw: Mapping[str, torch.Tensor | None] | None = None,
+        batch: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``task``'s loss at ``step`` computed on ``rows`` of its batch.
 
-        LM task: the local share (sum over ``rows`` / global token count).  Contrastive task:
-        the whole loss, after ``gather`` has assembled the full batch of both embeddings.
-        ``raw`` (from :meth:`raw_inputs` with the same ``rows``) avoids regenerating the data.
+        Built-in LM task, row-wise custom loss: the local share (the rows' mean scaled by
+        rows / batch).  Contrastive or coupled task: the whole loss, after ``gather`` has
+        assembled the full batch of its inputs.  ``batch`` (from :meth:`batch_rows` with the
+        same ``rows``) avoids loading the data again.
         """
         t = self.workload.task(task)
         modules = self.by_path
-        raw = raw if raw is not None else self.raw_inputs(task, step, rows)
+        batch = batch if batch is not None else self.batch_rows(task, step, rows)
         outputs: dict[str, Activation] = {}
         for st in t.stages:
             refs = [LayerRef(task, st.name, st.component, i)
                     for i in range(self.provider.num_layers(st.component))]
             out = run_chain(self.provider, modules, refs, {s: outputs[s] for s in st.sources},
-                            None, raw, t.batch_size)
+                            None, batch, t.batch_size)
             if isinstance(out, torch.Tensor):  # the LM loss stage
                 return out
             outputs[st.name] = out
-        full = {name: ((gather(outputs[name][0]) if gather is not None else outputs[name][0]),)
+        joined = gather if gather is not None and self.coupled(task) else None
+        full = {name: ((joined(outputs[name][0]) if joined is not None else outputs[name][0]),)
                 for name in t.loss.inputs}
+        fields = batch
+        if joined is not None:
+            fields = {f: joined(v) for f, v in batch.items()}
         loss = run_chain(self.provider, modules, [LayerRef(task, LOSS_STAGE, "", 0)], full, None,
-                         raw, t.batch_size)
+                         fields, t.batch_size)
         assert isinstance(loss, torch.Tensor)
         return loss
 
@@ -114,7 +122,7 @@ def train_reference(
     ``weight_decay``) on all parameters.  Appends each step's task losses to ``history`` if
     given.  Returns logical name -> final value."""
     model = ReferenceModel(workload, seed, dtype)
-    params = list(model.named_logical_parameters().values())
+    params = [p for p in model.named_logical_parameters().values() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)

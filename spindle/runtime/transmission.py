@@ -61,6 +61,7 @@ class Edge:
     producer: SliceRef
     consumer: SliceRef
     pieces: tuple[Piece, ...]  # ordered by (dst, rows.start)
+    grad: bool = True  # a gradient travels back (False: the producer runs no backward)
 
 
 @dataclass
@@ -93,7 +94,8 @@ class TransmissionSchedule:
                     )
                 moves = pieces(slice_rows(plan.metaops[src_slice.metaop], src_slice.devices),
                                slice_rows(metaop, s.devices))
-                edges.append(Edge(len(edges), value, src_ref, ref, moves))
+                edges.append(Edge(len(edges), value, src_ref, ref, moves,
+                                  plan.metaops[value[0]].backward))
         into: dict[int, list[Edge]] = defaultdict(list)
         inputs: dict[SliceRef, list[Edge]] = defaultdict(list)
         for e in edges:
@@ -332,7 +334,7 @@ class Transmitter:
             _Item(e, p, i)
             for e, p in routes
             for i, spec in enumerate(self._specs[e.value])
-            if spec.carries_grad or not grads_only
+            if not grads_only or (spec.carries_grad and e.grad)
         ]
 
     def _wait(self, ops: list[dist.P2POp]) -> None:

@@ -31,7 +31,7 @@ from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
 from spindle.planner.pipeline import make_plan
 from spindle.runtime.config import RunConfig
-from spindle.tools.preflight import check_plan, check_run
+from spindle.tools.preflight import check_model, check_plan, check_run
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,16 @@ def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
 
 
 def _make_plan(args: argparse.Namespace) -> Plan:
+    workload = load_workload(args.workload)
     if args.plan:
         plan = load_plan(args.plan)
-        check_plan(plan, load_workload(args.workload), args.nproc, str(args.plan))
-        return plan
-    hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
-    return make_plan(args.workload, args.planner, args.nproc,
-                     args.devices_per_node or args.nproc, hardware, args.profile)
+        check_plan(plan, workload, args.nproc, str(args.plan))
+    else:
+        hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
+        plan = make_plan(workload, args.planner, args.nproc,
+                         args.devices_per_node or args.nproc, hardware, args.profile)
+    check_model(plan, workload)
+    return plan
 
 
 def run_train_command(args: argparse.Namespace) -> int:

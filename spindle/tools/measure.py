@@ -36,7 +36,7 @@ from spindle.layers.chain import run_chain
 from spindle.layers.provider import LayerError, LayerProvider, materialise
 from spindle.plan.contract import MetaOp, Plan
 from spindle.planner.pipeline import make_plan
-from spindle.runtime.data import make_raw
+from spindle.runtime.data import task_data
 from spindle.runtime.executor import TrainingRun
 from spindle.tools.machine import across_ranks, free_port, leave_group, run_workers
 
@@ -115,11 +115,8 @@ def time_chain(provider: LayerProvider, op: MetaOp, n: int, warmup: int = 2, rep
     gen = torch.Generator().manual_seed(seed)
     paths = {p for ref in op.layers for p in provider.operator_modules(ref)}
     modules = materialise(provider, paths, seed, torch.float32)
-    raws: dict[str, torch.Tensor | None] = {}
-    for ref in op.layers:
-        if ref.stage not in raws and provider.needs_raw(ref):
-            full = make_raw(provider.workload, ref.task, ref.stage, 0, seed)
-            raws[ref.stage] = None if full is None else full[:rows].contiguous()
+    raws = {f: t.contiguous()
+            for f, t in task_data(provider.workload, op.task, seed).rows(0, 0, rows).items()}
     leaves = {s: tuple(torch.randn((rows, *shape), generator=gen).requires_grad_(True)
                        for shape in provider.output_shapes(first.task, s))
               for s in provider.input_stages(first)}

@@ -4,6 +4,9 @@ for the torchrun entry, so that a bad plan or an unwritable output is one line, 
 * the plan is for this workload and world size, and its MetaOps are exactly the workload's
   contraction (a hand-edited plan that drops a layer or changes a batch is refused, naming the
   first difference);
+* the workload's modules can run it: every stage chains on a probe row, every loss gives a
+  scalar, and every module whose batch the plan splits over several devices is row-wise
+  (:func:`check_model`);
 * the run options are usable (:meth:`spindle.runtime.config.RunConfig.check`);
 * the outputs can be written: ``--save`` is a folder (or can be made one) that takes a file,
   ``--metrics`` a file that can be appended to.
@@ -16,9 +19,13 @@ import tempfile
 from pathlib import Path
 
 from spindle.costs.graph import contract
-from spindle.declare.workload import Workload
+from spindle.declare.workload import LayerRef, Workload
+from spindle.layers import provider_for
+from spindle.layers.rowwise import check_rows
+from spindle.layers.user import UserProvider
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, PlanError
+from spindle.plan.layout import iter_slices
 from spindle.runtime.config import ConfigError, RunConfig
 
 
@@ -36,6 +43,23 @@ def check_plan(plan: Plan, workload: Workload, world_size: int, source: str) -> 
             f" launched (use --nproc-per-node {plan.num_devices})"
         )
     validate_plan(plan, contract(workload).metaops, source=source)
+
+
+def check_model(plan: Plan, workload: Workload, rows: bool = True) -> None:
+    """The workload's modules can run ``plan`` (module docstring); ``rows``: also probe the
+    modules whose batch the plan splits (the launcher and one rank do; it builds one of each
+    distinct module on the CPU)."""
+    provider = provider_for(workload)
+    provider.check_runnable()
+    if not rows or not isinstance(provider, UserProvider):
+        return
+    split: dict[LayerRef, int] = {}
+    for _, s in iter_slices(plan.waves):
+        m = plan.metaops[s.metaop]
+        if s.n > 1 and not m.is_loss:  # a coupled loss runs on one device
+            for ref in m.layers[s.layer_start:s.layer_end]:
+                split[ref] = max(split.get(ref, 0), s.n)
+    check_rows(provider, split.items())
 
 
 def check_run(config: RunConfig) -> None:

@@ -71,14 +71,13 @@ from tqdm import tqdm  # noqa: E402
 
 from spindle.declare.workload import Workload, WorkloadError, load_workload  # noqa: E402
 from spindle.io import OutputError, write_atomic  # noqa: E402
-from spindle.layers import provider_for  # noqa: E402
 from spindle.layers.provider import LayerError  # noqa: E402
 from spindle.plan.checks import load_plan  # noqa: E402
 from spindle.plan.contract import Plan, PlanError  # noqa: E402
 from spindle.runtime.config import ConfigError, RunConfig  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
-from spindle.tools.preflight import check_plan, check_run  # noqa: E402
+from spindle.tools.preflight import check_model, check_plan, check_run  # noqa: E402
 
 log = logging.getLogger("spindle.train")
 
@@ -237,10 +236,10 @@ def run(args: argparse.Namespace, env: RankEnv) -> None:
     else:
         config.check()
     workload = load_workload(args.workload)
-    provider_for(workload).check_runnable()
     plans = [load_plan(p) for p in args.plan]
     for plan, path in zip(plans, args.plan):
         check_plan(plan, workload, env.world_size, path)
+        check_model(plan, workload, rows=env.rank == 0)
     device = choose_device(config.device, env)
     init_distributed(env, device, config.timeout)
     if env.world_size > 1:  # the first collective involves everyone (NCCL's P2P needs it)

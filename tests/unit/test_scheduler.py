@@ -74,7 +74,8 @@ def test_shipped_schedules_are_close_to_the_relaxed_optimum(shipped_graphs, num_
         elapsed = time.perf_counter() - t0
         ratio = schedule_length(waves) / c_star
         assert ratio <= 1.05, f"{name} on {num_devices}: {ratio:.3f} x C*"
-        assert elapsed < 1.0, f"{name} on {num_devices}: planning took {elapsed:.2f} s"
+        # a guard against a runaway, not a timing target (benchmarks/planner_bench.py times it)
+        assert elapsed < 5.0, f"{name} on {num_devices}: planning took {elapsed:.2f} s"
 
 
 def test_improvements_do_not_lose_to_the_paper_rules(shipped_graphs):
