@@ -262,8 +262,8 @@ class _SignatureModel(_Strict):
 class _EntryModel(_Strict):
     signature: _SignatureModel
     metaops: list[str] = []
-    params_per_layer: int = Field(ge=1)
-    flops_per_layer: float = Field(gt=0)
+    params_per_layer: int = Field(ge=0)
+    flops_per_layer: float = Field(ge=0)  # 0: a loss FlopCounter sees no matmul in
     points: list[_PointModel] = Field(min_length=1)
     measurement: Literal["block", "chain"] = "block"
 

