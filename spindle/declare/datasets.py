@@ -37,13 +37,15 @@ def item_indices(task: Task, seed: int, step: int, start: int, end: int) -> list
     return out
 
 
-def collate(task: Task, items: Sequence[Any], first: int = 0) -> dict[str, torch.Tensor]:
-    """The batch made of ``items`` (``first``: the index of the first, for messages): a dict of
-    batch-first tensors, by field."""
+def collate(task: Task, items: Sequence[Any], indices: Sequence[int] | None = None
+            ) -> dict[str, torch.Tensor]:
+    """The batch made of ``items`` (``indices``: their indices in the dataset, for messages): a
+    dict of batch-first tensors, by field."""
+    index = list(indices) if indices is not None else list(range(len(items)))
     where = f"task '{task.name}'"
     for k, item in enumerate(items):
         if not isinstance(item, dict):
-            raise WorkloadError(f"{where}: dataset item {first + k} is a {type(item).__name__},"
+            raise WorkloadError(f"{where}: dataset item {index[k]} is a {type(item).__name__},"
                                 " not a dict of tensors")
     if task.collate is not None:
         try:
@@ -51,7 +53,7 @@ def collate(task: Task, items: Sequence[Any], first: int = 0) -> dict[str, torch
         except Exception as err:  # the user's code
             raise WorkloadError(f"{where}: collate fails: {type(err).__name__}: {err}") from None
     else:
-        batch = _stack(where, items, first)
+        batch = _stack(where, items, index)
     if not isinstance(batch, dict):
         raise WorkloadError(f"{where}: collate returned a {type(batch).__name__}, not a dict")
     for name, value in batch.items():
@@ -84,7 +86,8 @@ def check_fields(task: Task, batch: dict[str, torch.Tensor], reference: dict[str
                 f" {list(want.shape[1:])}")
 
 
-def _stack(where: str, items: Sequence[dict[str, Any]], first: int) -> dict[str, torch.Tensor]:
+def _stack(where: str, items: Sequence[dict[str, Any]], index: list[int]
+           ) -> dict[str, torch.Tensor]:
     keys = list(items[0])
     out: dict[str, torch.Tensor] = {}
     for name in keys:
@@ -93,15 +96,18 @@ def _stack(where: str, items: Sequence[dict[str, Any]], first: int) -> dict[str,
             value = item.get(name)
             if not isinstance(value, torch.Tensor):
                 what = "no field" if value is None else f"a {type(value).__name__} in field"
-                raise WorkloadError(f"{where}: dataset item {first + k} has {what} '{name}'"
+                raise WorkloadError(f"{where}: dataset item {index[k]} has {what} '{name}'"
                                     + ("" if value is None else " (tensors only)"))
             values.append(value)
         shapes = {tuple(v.shape) for v in values}
         dtypes = {v.dtype for v in values}
         if len(shapes) > 1 or len(dtypes) > 1:
-            raise WorkloadError(f"{where}: field '{name}' differs in shape or dtype between items"
-                                f" {first}..{first + len(items) - 1} ({sorted(map(str, dtypes))},"
-                                f" {sorted(shapes)}); pad them or give the task a 'collate'")
+            k = next(k for k, v in enumerate(values)
+                     if (v.dtype, v.shape) != (values[0].dtype, values[0].shape))
+            raise WorkloadError(
+                f"{where}: field '{name}' of dataset item {index[k]} is {values[k].dtype}"
+                f" {list(values[k].shape)}, item {index[0]}'s is {values[0].dtype}"
+                f" {list(values[0].shape)}; pad them or give the task a 'collate'")
         out[name] = torch.stack(values)
     return out
 

@@ -123,6 +123,19 @@ class _StepRows:
             step += 1
 
 
+class _Indexed(torch.utils.data.Dataset[tuple[int, Any]]):
+    """The task's dataset, each item with its index (so that a message can name it)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+
 class DatasetData(TaskData):
     """A user task's dataset, read through a DataLoader per row range (its iterator runs ahead
     by ``prefetch`` steps per worker when ``workers`` > 0)."""
@@ -132,15 +145,16 @@ class DatasetData(TaskData):
         self.reference = probe(task)
         self._streams: dict[tuple[int, int], tuple[int, Iterator[Any]]] = {}
 
-    def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return collate(self.task, items)
+    def _collate(self, pairs: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        return collate(self.task, [item for _, item in pairs], [i for i, _ in pairs])
 
     def rows(self, step: int, start: int, end: int) -> dict[str, torch.Tensor]:
         key = (start, end)
         got = self._streams.get(key)
         if got is None or got[0] != step:
             loader = DataLoader(
-                self.task.dataset, batch_sampler=_StepRows(self.task, self.seed, step, start, end),
+                _Indexed(self.task.dataset),
+                batch_sampler=_StepRows(self.task, self.seed, step, start, end),
                 collate_fn=self._collate, num_workers=self.workers,
                 prefetch_factor=self.prefetch if self.workers else None,
                 persistent_workers=False,

@@ -139,7 +139,8 @@ def test_each_rank_loads_its_rows_through_a_dataloader() -> None:
 
 def test_a_dataset_item_of_the_wrong_dtype_is_one_line() -> None:
     task = one_stage(dataset=Rows(8, bad=5)).tasks[0]
-    with pytest.raises(WorkloadError, match=r"task 't': field 'x' differs in shape or dtype"):
+    with pytest.raises(WorkloadError, match=r"task 't': field 'x' of dataset item 5 is"
+                                            r" torch.float64 \[4\], item 4's is torch.float32"):
         DatasetData(task, 0).rows(1, 0, 4)
     with pytest.raises(WorkloadError, match=r"field 'x' of the rows from item 5 is torch.float64"):
         DatasetData(task, 0).rows(1, 1, 2)
