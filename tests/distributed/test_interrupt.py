@@ -44,7 +44,7 @@ def test_ctrl_c_on_spindle_train_stops_everything_and_says_one_line(tmp_path: Pa
         time.sleep(0.5)  # until the ranks are training
     assert metrics.read_text(), "training never started"
     err, elapsed = _ctrl_c(proc)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["spindle: interrupted"], err
     assert elapsed < 60
     assert _processes_mentioning(str(tmp_path)) == []
@@ -58,7 +58,7 @@ def test_ctrl_c_on_spindle_profile_says_one_line(tmp_path: Path) -> None:
                    "--no-progress"])
     time.sleep(15)  # measuring by now
     err, _ = _ctrl_c(proc)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["spindle: interrupted"], err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert _processes_mentioning(str(out)) == []
