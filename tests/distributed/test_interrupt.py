@@ -54,8 +54,10 @@ def test_ctrl_c_on_spindle_train_stops_everything_and_says_one_line(tmp_path: Pa
 
 def test_ctrl_c_on_spindle_profile_says_one_line(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
+    # enough repeats that it is still measuring after 15 s on any machine (with the default it
+    # may finish first on an idle one, and then there is nothing to interrupt)
     proc = _start(["profile", "small-ofasys", "--devices", "2", "--out", str(out),
-                   "--no-progress"])
+                   "--repeats", "1000", "--no-progress"])
     time.sleep(15)  # measuring by now
     err, _ = _ctrl_c(proc)
     assert proc.returncode == 130, err
