@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spindle.declare.workload import LOSS_STAGE, LayerRef, Workload
+from spindle.declare.workload import LOSS_STAGE, LayerRef, Task, Workload
 from spindle.plan.contract import MetaOp
 from spindle.plan.layout import ParameterIndex
 
@@ -139,9 +139,14 @@ class LayerProvider(ABC):
             for st in task.stages:
                 ops += [LayerRef(task.name, st.name, st.component, i)
                         for i in range(self.num_layers(st.component))]
-            if task.loss.type == "contrastive":
+            if self.has_loss_operator(task):
                 ops.append(LayerRef(task.name, LOSS_STAGE, "", 0))
         return ops
+
+    def has_loss_operator(self, task: Task) -> bool:
+        """Whether ``task``'s loss is an operator of its own (else its last stage's last layer
+        computes it, as the built-in LM loss does)."""
+        return task.loss.type == "contrastive"
 
     def create(self, path: str, seed: int, dtype: torch.dtype,
                device: torch.device | str = "cpu") -> nn.Module:

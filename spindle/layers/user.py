@@ -71,14 +71,8 @@ class UserProvider(LayerProvider):
     def num_layers(self, component: str) -> int:
         return self.stack(component).layers
 
-    def operators(self) -> list[LayerRef]:
-        ops: list[LayerRef] = []
-        for task in self.workload.tasks:
-            for st in task.stages:
-                ops += [LayerRef(task.name, st.name, st.component, i)
-                        for i in range(self.num_layers(st.component))]
-            ops.append(LayerRef(task.name, LOSS_STAGE, "", 0))
-        return ops
+    def has_loss_operator(self, task: Task) -> bool:
+        return True  # every custom loss is an operator of its own
 
     def _stage(self, ref: LayerRef) -> tuple[Task, Stage, ModuleStack]:
         task = self.workload.task(ref.task)
