@@ -123,11 +123,11 @@ def all_plans(workload: Workload, nproc: int) -> dict[str, Plan]:
 
 def train_command(
     nproc: int, workload: str, args: list[str], log_dir: Path | None = None,
-    entry: str = "spindle.train",
+    entry: str = "spindle.train", extra: tuple[str, ...] | list[str] = (),
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m ENTRY WORKLOAD ARGS``."""
+    """``python -m torch.distributed.run [EXTRA] ... -m ENTRY WORKLOAD ARGS``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}"]
+           f"--nproc-per-node={nproc}", *extra]
     if log_dir is not None:  # each rank's stdout/stderr in its own file
         cmd += ["--log-dir", str(log_dir), "--redirects", "3"]
     return cmd + ["-m", entry, workload, *args]
@@ -136,12 +136,14 @@ def train_command(
 def run_train(
     nproc: int, workload: str, args: list[str], timeout: float = 240, log_dir: Path | None = None,
     env: dict[str, str] | None = None, entry: str = "spindle.train",
+    extra: tuple[str, ...] | list[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Launch ``entry`` (``tests.faulty_train`` for a faulty rank) under torchrun."""
+    """Launch ``entry`` (``tests.faulty_train`` for a faulty rank) under torchrun (``extra``:
+    torchrun's own options)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR", **(env or {})}
     return subprocess.run(
-        train_command(nproc, workload, args, log_dir, entry), cwd=REPO, env=full_env, text=True,
-        capture_output=True, timeout=timeout,
+        train_command(nproc, workload, args, log_dir, entry, extra), cwd=REPO, env=full_env,
+        text=True, capture_output=True, timeout=timeout,
     )
 
 

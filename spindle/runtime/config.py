@@ -69,6 +69,15 @@ class RunConfig:
         "DataLoader worker processes per task and rank for a task's own dataset (0: load in the"
         " rank's process)", metavar="N"))
     progress: bool = field(default=True, metadata=_opt("no progress bar", flag="--no-progress"))
+    checkpoint_dir: str | None = field(default=None, metadata=_opt(
+        "write checkpoints (torch.distributed.checkpoint) to DIR/step-N", metavar="DIR"))
+    checkpoint_every: int = field(default=100, metadata=_opt(
+        "checkpoint every K steps, and after the last (0: only after the last)", metavar="K"))
+    keep: int = field(default=3, metadata=_opt(
+        "keep the newest N checkpoints (0: all)", metavar="N"))
+    resume: bool = field(default=False, metadata=_opt(
+        "continue from the latest complete checkpoint in --checkpoint-dir, on this plan and"
+        " world size (--steps is the run's total)"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -85,6 +94,12 @@ class RunConfig:
                 raise ConfigError(f"{_flag(name)} {value}: must be a finite number {what}")
         if not 0 <= self.data_workers <= 64:
             raise ConfigError(f"--data-workers {self.data_workers}: must be 0 to 64")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every {self.checkpoint_every}: must be at least 0")
+        if self.keep < 0:
+            raise ConfigError(f"--keep {self.keep}: must be at least 0")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume: needs --checkpoint-dir DIR (where to resume from)")
         if self.min_bucket_bytes < 0:
             raise ConfigError(f"--min-bucket-bytes {self.min_bucket_bytes}: must be at least 0")
 
@@ -97,7 +112,8 @@ class RunConfig:
             meta = f.metadata
             flag = meta["flag"] or _flag(f.name)
             if f.type == "bool":
-                parser.add_argument(flag, dest=f.name, action="store_false", help=meta["help"])
+                action = "store_false" if f.default else "store_true"
+                parser.add_argument(flag, dest=f.name, action=action, help=meta["help"])
                 continue
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default,

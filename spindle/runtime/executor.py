@@ -96,6 +96,9 @@ class WaveExecutor:
             t.name: task_data(self.provider.workload, t.name, seed, data_workers)
             for t in self.provider.workload.tasks}
         self._batch: dict[tuple[str, RowRange], dict[str, torch.Tensor]] = {}
+        # task -> data position minus step (non-zero after a resume: a task's data continues
+        # where it stopped, a task new to the run starts at position 0)
+        self.data_offsets: dict[str, int] = {}
         # called with every wave index after its backward and gradient send (the sync overlap)
         self.after_backward: Callable[[int], None] | None = None
 
@@ -117,7 +120,8 @@ class WaveExecutor:
         for task, rows in wanted:
             lo, hi = spans.get(task, (rows.start, rows.end))
             spans[task] = (min(lo, rows.start), max(hi, rows.end))
-        loaded = {task: self.data[task].rows(step, lo, hi) for task, (lo, hi) in spans.items()}
+        loaded = {task: self.data[task].rows(step + self.data_offsets.get(task, 0), lo, hi)
+                  for task, (lo, hi) in spans.items()}
         for (task, rows), fields in wanted.items():
             lo = spans[task][0]
             self._batch[(task, rows)] = {
@@ -314,6 +318,16 @@ class TrainingRun:
             ),
             grad_norm=norm,
         )
+
+    def data_positions(self, steps_done: int) -> dict[str, int]:
+        """Each task's data position (batches consumed) once ``steps_done`` steps have run."""
+        offsets = self.executor.data_offsets
+        return {t: steps_done + offsets.get(t, 0) for t in self.task_names}
+
+    def set_data_positions(self, step: int, positions: dict[str, int]) -> None:
+        """Continue from ``step`` with each task at its saved position (a task not in
+        ``positions`` starts at 0)."""
+        self.executor.data_offsets = {t: positions.get(t, 0) - step for t in self.task_names}
 
     def _launch_ready(self, wave: int) -> None:
         with self.timer.phase("param_sync"):

@@ -94,6 +94,7 @@ class IterationMetrics:
     loss: float
     grad_norm: float
     rank_time_s: list[float] = field(default_factory=list)
+    checkpoint_s: float = 0.0  # writing a checkpoint after this iteration (not in time_s)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -116,11 +116,13 @@ def train_reference(
     workload: Workload, seed: int, steps: int, lr: float = 1e-3, weight_decay: float = 0.01,
     clip: float = 1.0, dtype: torch.dtype = torch.float32,
     history: list[dict[str, float]] | None = None,
+    optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train the reference model for ``steps`` iterations (data of steps 0..steps-1): loss = sum
     of task losses, ``clip_grad_norm_`` over all parameters, AdamW(lr, default betas,
     ``weight_decay``) on all parameters.  Appends each step's task losses to ``history`` if
-    given.  Returns logical name -> final value."""
+    given, and AdamW's final state by logical name to ``optimizer_state``.  Returns logical
+    name -> final value."""
     model = ReferenceModel(workload, seed, dtype)
     params = [p for p in model.named_logical_parameters().values() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -134,4 +136,8 @@ def train_reference(
         if history is not None:
             history.append({k: float(v.detach()) for k, v in losses.items()})
         log.debug("reference step %d: loss %.4f", step, float(total.detach()))
+    if optimizer_state is not None:
+        for n, p in model.named_logical_parameters().items():
+            if p in opt.state:
+                optimizer_state[n] = {k: v.detach().clone() for k, v in opt.state[p].items()}
     return {n: p.detach().clone() for n, p in model.named_logical_parameters().items()}

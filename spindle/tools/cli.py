@@ -1,4 +1,4 @@
-"""The ``spindle`` command line: workloads, profile, plan, show, train, demo.
+"""The ``spindle`` command line: workloads, profile, plan, show, train, export, demo.
 
 Every user error (bad workload file, unknown name, impossible device count, bad plan) ends in one
 line ``spindle: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback.
@@ -26,6 +26,7 @@ from spindle.planner.pipeline import (
 from spindle.planner.placement import PlacementError
 from spindle.planner.registry import PLANNERS
 from spindle.tools.demo import run_demo
+from spindle.tools.export import add_export_arguments, run_export_command
 from spindle.tools.launcher import add_train_arguments, run_train_command
 from spindle.tools.profile import add_profile_arguments, run_profile_command
 from spindle.tools.report import gantt, gantt_format, render_gantt, summary_text
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="plan and train with torchrun on local processes")
     add_train_arguments(p)
     p.set_defaults(func=run_train_command)
+
+    p = sub.add_parser("export", help="write one state dict (by logical name) from a checkpoint")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export_command)
 
     p = sub.add_parser("demo", help="plan and train the default tiny workload on 2 processes")
     p.add_argument("--workload", default="tiny-multitask-clip")

@@ -31,7 +31,7 @@ from spindle.plan.checks import load_plan
 from spindle.plan.contract import Plan
 from spindle.planner.pipeline import make_plan
 from spindle.runtime.config import RunConfig
-from spindle.tools.preflight import check_model, check_plan, check_run
+from spindle.tools.preflight import check_model, check_plan, check_resume, check_run
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default=None,
                         help="hardware preset for planning (default: a800 with CUDA, else cpu)")
     parser.add_argument("--profile", default=None, help="measured profile for planning")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="restart the job up to K times when a rank fails (torchrun's);"
+                             " with --checkpoint-dir it resumes from the latest checkpoint")
     RunConfig.add_arguments(parser)
 
 
@@ -69,9 +72,10 @@ def train_arguments(args: argparse.Namespace, plan_path: Path) -> list[str]:
     return out
 
 
-def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
+def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 0) -> list[str]:
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "spindle.train", *train_args]
+            f"--nproc-per-node={nproc}", *restarts, "-m", "spindle.train", *train_args]
 
 
 def _make_plan(args: argparse.Namespace) -> Plan:
@@ -92,7 +96,13 @@ def run_train_command(args: argparse.Namespace) -> int:
     if not 1 <= args.nproc <= MAX_LOCAL_PROCESSES:
         raise ValueError(f"--nproc {args.nproc}: must be 1 to {MAX_LOCAL_PROCESSES} (processes"
                          " on this machine; a cluster starts torchrun on every node)")
-    check_run(RunConfig.from_args(args))
+    if not 0 <= args.max_restarts <= 1000:
+        raise ValueError(f"--max-restarts {args.max_restarts}: must be 0 to 1000")
+    config = RunConfig.from_args(args)
+    check_run(config)
+    if config.resume:
+        assert config.checkpoint_dir is not None  # RunConfig.check
+        log.info("%s", check_resume(config.checkpoint_dir, load_workload(args.workload)))
     plan = _make_plan(args)
     if args.save_plan:
         plan.save(args.save_plan)
@@ -100,7 +110,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="spindle-train-") as tmp:
         plan_path = Path(tmp) / "plan.json"
         plan.save(plan_path)
-        cmd = torchrun_command(args.nproc, train_arguments(args, plan_path))
+        cmd = torchrun_command(args.nproc, train_arguments(args, plan_path), args.max_restarts)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         if not verbose:

@@ -9,7 +9,9 @@ for the torchrun entry, so that a bad plan or an unwritable output is one line, 
   (:func:`check_model`);
 * the run options are usable (:meth:`spindle.runtime.config.RunConfig.check`);
 * the outputs can be written: ``--save`` is a folder (or can be made one) that takes a file,
-  ``--metrics`` a file that can be appended to.
+  ``--metrics`` a file that can be appended to;
+* ``--resume``: the newest complete checkpoint belongs to this workload and its shared
+  parameters have this model's shapes (:func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from pathlib import Path
 from spindle.costs.graph import contract
 from spindle.declare.workload import LayerRef, Workload
 from spindle.layers import provider_for
+from spindle.layers.provider import parameter_index
 from spindle.layers.rowwise import check_rows
 from spindle.layers.user import UserProvider
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, PlanError
 from spindle.plan.layout import iter_slices
+from spindle.runtime.checkpoint_files import find_latest, match_model
 from spindle.runtime.config import ConfigError, RunConfig
 
 
@@ -67,6 +71,8 @@ def check_run(config: RunConfig) -> None:
     config.check()
     if config.save is not None:
         _check_folder(Path(config.save), "--save")
+    if config.checkpoint_dir is not None and not config.resume:
+        _check_folder(Path(config.checkpoint_dir), "--checkpoint-dir")
     if config.metrics is not None:
         _check_appendable(Path(config.metrics), "--metrics")
 
@@ -91,3 +97,15 @@ def _check_appendable(path: Path, option: str) -> None:
         os.close(fd)
     except OSError as err:
         raise ConfigError(f"{option} {path}: cannot write there: {err.strerror}") from None
+
+
+def check_resume(root: str | Path, workload: Workload) -> str:
+    """Before any process starts: the latest complete checkpoint of ``root`` can be resumed
+    by ``workload`` (sizes checked, not contents: the ranks do that); returns the line that
+    says what will be carried.  Raises :class:`CheckpointError`."""
+    provider = provider_for(workload)
+    index = parameter_index(provider, contract(workload).metaops)
+    shapes = {n: tuple(s) for path in index.names
+              for n, s in provider.parameter_shapes(path).items()}
+    folder, manifest, _ = find_latest(Path(root), contents=False)  # rank 0 says what it skips
+    return match_model(folder, manifest, workload.name, shapes).describe(folder, manifest.step)

@@ -12,6 +12,9 @@ writes one JSON line per iteration to ``--metrics`` and, with ``--save DIR``, th
 parameters to ``DIR/params.pt`` (logical name -> tensor, the same names whatever the plan or
 world size).  Several ``--plan`` files are trained one after the other in one launch, each from
 the same initial parameters; with ``--save`` each goes to ``DIR/<plan file stem>/params.pt``.
+With ``--checkpoint-dir`` (one plan) the run writes checkpoints and, with ``--resume`` or when
+torchrun restarts it (``--max-restarts``), continues from the newest complete one
+(:mod:`spindle.runtime.checkpoint`).
 
 Failures (a plan for another world size or workload, a missing or invalid plan file, any error
 on any rank) end every rank with one line ``spindle.train: rank R: <reason>`` on stderr and a
@@ -74,6 +77,8 @@ from spindle.io import OutputError, write_atomic  # noqa: E402
 from spindle.layers.provider import LayerError  # noqa: E402
 from spindle.plan.checks import load_plan  # noqa: E402
 from spindle.plan.contract import Plan, PlanError  # noqa: E402
+from spindle.runtime.checkpoint import Checkpointer  # noqa: E402
+from spindle.runtime.checkpoint_files import CheckpointError  # noqa: E402
 from spindle.runtime.config import ConfigError, RunConfig  # noqa: E402
 from spindle.runtime.executor import TrainingRun  # noqa: E402
 from spindle.runtime.metrics import MetricsWriter, combine_ranks, vector_length  # noqa: E402
@@ -148,7 +153,16 @@ def choose_device(choice: str, env: RankEnv) -> torch.device:
 def init_distributed(env: RankEnv, device: torch.device, timeout_s: float) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if env.launched:
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if env.launched and restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # a restarted attempt talks through torchrun's store, which still holds the previous
+        # attempt's keys (the process groups' peer addresses): give this attempt keys of its own
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              env.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"spindle/attempt-{restart}",
+                                                                store),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
+    elif env.launched:
         dist.init_process_group(backend, timeout=timeout)
     else:  # one process without torchrun: an in-memory store, no network
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -180,12 +194,25 @@ def train_plan(
     ``--save`` is given (None otherwise and on other ranks)."""
     run = TrainingRun(workload, plan, env.rank, env.world_size, device, config)
     tasks = run.task_names
+    first, ckpt = 0, None
+    if config.checkpoint_dir is not None:
+        ckpt = Checkpointer(run, config.checkpoint_dir, config.keep)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if config.resume or restarts > 0:
+            if restarts > 0:
+                log.info("restart %d: resuming from the latest checkpoint", restarts)
+            first = ckpt.resume(required=config.resume)
+            if first >= config.steps:
+                log.info("the checkpoint is at step %d, --steps %d: nothing left to train",
+                         first, config.steps)
     desc = f"{label} ({plan.planner})" if several else plan.planner
-    bar = tqdm(total=config.steps, desc=desc, unit="it", file=sys.stderr, leave=True,
-               disable=env.rank != 0 or not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=min(first, config.steps), desc=desc, unit="it",
+               file=sys.stderr, leave=True, disable=env.rank != 0 or not config.progress,
+               dynamic_ncols=True)
     times: list[float] = []
+    every = config.checkpoint_every
     try:
-        for step in range(config.steps):
+        for step in range(first, config.steps):
             outcome = run.step(step)
             vec = torch.tensor(outcome.rank_iteration.to_vector(tasks), dtype=torch.float64,
                                device=device)
@@ -198,6 +225,12 @@ def train_plan(
                 vectors = [vec.tolist()]
             record = combine_ranks(label, plan.planner, step, tasks, vectors, outcome.grad_norm)
             times.append(record.time_s)
+            done = step + 1
+            if ckpt is not None and (done == config.steps or (every and done % every == 0)):
+                record.checkpoint_s = ckpt.save(done)
+                if env.rank == 0:
+                    log.debug("checkpoint of step %d written in %.3f s", done,
+                              record.checkpoint_s)
             if env.rank == 0:
                 metrics.write(record)
                 bar.set_postfix({t: f"{v:.3f}" for t, v in record.losses.items()}, refresh=False)
@@ -237,6 +270,8 @@ def run(args: argparse.Namespace, env: RankEnv) -> None:
         config.check()
     workload = load_workload(args.workload)
     plans = [load_plan(p) for p in args.plan]
+    if config.checkpoint_dir is not None and len(plans) > 1:
+        raise TrainError("--checkpoint-dir: trains one plan (several --plan files were given)")
     for plan, path in zip(plans, args.plan):
         check_plan(plan, workload, env.world_size, path)
         check_model(plan, workload, rows=env.rank == 0)
@@ -273,7 +308,7 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
     if isinstance(err, (TrainError, PlanError, WorkloadError, LayerError, ConfigError,
-                        OutputError)):
+                        OutputError, CheckpointError)):
         return first or type(err).__name__
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

@@ -237,7 +237,8 @@ def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) ->
     changed = RunConfig(steps=3, seed=4, lr=0.5, weight_decay=0.25, clip=2.0, dtype="float64",
                         device="cpu", save="out", metrics="m.jsonl", timeout=9.0,
                         overlap_sync=False, min_bucket_bytes=7, progress=False,
-                        data_workers=2)
+                        data_workers=2, checkpoint_dir="ck", checkpoint_every=4, keep=1,
+                        resume=True)
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(RunConfig))
     launcher_args = parser.parse_args(["tiny-ofasys", *changed.to_argv()])
     entry_args = build_parser().parse_args(train_arguments(launcher_args, plan))
