@@ -176,9 +176,9 @@ class Checkpointer:
         same_world = manifest.world_size == run.world_size
         if same_world and rng_key in specs:
             sd[rng_key] = torch.empty(specs[rng_key][0], dtype=specs[rng_key][1])
-        # the set-aside parameters and their state, spread over the ranks
-        self.set_aside_names = sorted(set(set_aside) | set(manifest.set_aside)
-                                      - set(model_shapes(run)))
+        # the set-aside parameters and their state, spread over the ranks (those an earlier
+        # resume set aside were written again, so they are among the checkpoint's own)
+        self.set_aside_names = sorted(set_aside)
         mine = {n for i, n in enumerate(self.set_aside_names) if i % run.world_size == run.rank}
         self.set_aside = {}
         for key, (shape, dtype) in specs.items():
