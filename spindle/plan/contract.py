@@ -148,6 +148,9 @@ class Plan:
     waves: tuple[Wave, ...]
     estimates: dict[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    # what the planner chose among its candidates (e.g. schedule, placement), for people to read;
+    # the runtime executes the waves and never reads it
+    choice: dict[str, str] = field(default_factory=dict)
 
     @property
     def schedule_s(self) -> float:
@@ -203,6 +206,7 @@ class Plan:
                 num_devices=int(d["num_devices"]), devices_per_node=int(d["devices_per_node"]),
                 hardware=str(d.get("hardware", "")), metaops=metaops, waves=waves,
                 estimates={str(k): float(v) for k, v in dict(d.get("estimates", {})).items()},
+                choice={str(k): str(v) for k, v in dict(d.get("choice", {})).items()},
             )
         except PlanError:
             raise

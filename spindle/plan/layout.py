@@ -17,17 +17,20 @@ Everything here follows from the plan alone (no torch):
   that executes an operator using it; its *ready wave* is the earliest wave using it (backward
   runs the waves in reverse, so its gradient is final after that wave's backward)
   (:func:`parameter_use`).  Keys with the same group form a pool.
-* **Sync buckets.**  Each pool's keys (pools by size, then devices), by descending ready wave
-  then name, are cut into buckets
-  of at most ``bucket_bytes`` that also end where the ready wave changes once they hold
-  ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by
-  descending ready wave (:func:`sync_buckets`).
+  Inside its ready wave a key is final once the backward has passed its layer: its *ready
+  fraction* is the share of its slice's layers run by then (:func:`ready_fractions`).
+* **Sync buckets.**  Each pool's keys (pools by size, then devices), by ready point (descending
+  ready wave, ascending ready fraction) then name, are cut into buckets of at most
+  ``bucket_bytes`` that also end where the ready point changes once they hold
+  ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by ready
+  point (:func:`sync_buckets`): the order every rank launches them in, and the simulator models.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import bisect
+import functools
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -74,6 +77,7 @@ def local_rows(metaop: MetaOp, n: int) -> int:
     return metaop.batch if metaop.is_loss else metaop.batch // n
 
 
+@functools.lru_cache(maxsize=4096)
 def row_ranges(batch: int, n: int) -> tuple[RowRange, ...]:
     """The rows of each of ``n`` members of a data-parallel group over ``batch`` samples:
     member ``k`` holds ``[k*batch/n, (k+1)*batch/n)``."""
@@ -117,12 +121,25 @@ def pieces(
 ) -> tuple[Piece, ...]:
     """Every overlap of a producer device's rows with a consumer device's rows, ordered by
     (consumer device, first row)."""
+    return _pieces(tuple(producer), tuple(consumer))
+
+
+@functools.lru_cache(maxsize=65536)
+def _pieces(
+    producer: tuple[tuple[int, RowRange], ...], consumer: tuple[tuple[int, RowRange], ...]
+) -> tuple[Piece, ...]:
+    # both sides hold ascending, disjoint row ranges (row_ranges): a consumer range meets the
+    # producer ranges from the last one starting at or before it, found by bisection
+    starts = [rows.start for _, rows in producer]
     out = []
     for dst, dst_rows in consumer:
-        for src, src_rows in producer:
+        k = max(bisect.bisect_right(starts, dst_rows.start) - 1, 0)
+        while k < len(producer) and producer[k][1].start < dst_rows.end:
+            src, src_rows = producer[k]
             rows = src_rows.overlap(dst_rows)
             if rows is not None:
                 out.append(Piece(src, dst, rows, src_rows, dst_rows))
+            k += 1
     out.sort(key=lambda p: (p.dst, p.rows.start))
     return tuple(out)
 
@@ -232,35 +249,62 @@ def parameter_use(plan: Plan, index: ParameterIndex) -> tuple[np.ndarray, np.nda
 def parameter_pools(holds: np.ndarray) -> dict[tuple[int, ...], list[int]]:
     """Device group -> the keys held by exactly those devices (docs/method.md section 8.3's pools
     D -> {W}), in the order of their first key; keys in id order."""
-    pools: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for pid in np.flatnonzero(holds.any(axis=1)).tolist():
-        pools[tuple(int(d) for d in np.flatnonzero(holds[pid]))].append(pid)
-    return dict(pools)
+    used = np.flatnonzero(holds.any(axis=1))
+    if not len(used):
+        return {}
+    # one row of bits per key: keys with equal rows share a group
+    packed = np.packbits(holds[used], axis=1)
+    _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    by_group = np.split(used[np.argsort(inverse.reshape(-1), kind="stable")],
+                        np.cumsum(np.bincount(inverse.reshape(-1)))[:-1])
+    pools: dict[tuple[int, ...], list[int]] = {}
+    for g in np.argsort(first, kind="stable").tolist():
+        members = by_group[g]
+        pools[tuple(np.flatnonzero(holds[members[0]]).tolist())] = members.tolist()
+    return pools
 
 
 # --- sync buckets -------------------------------------------------------------------------------
 
 
+def ready_fractions(plan: Plan, index: ParameterIndex, ready: np.ndarray) -> np.ndarray:
+    """For every key, how far into the backward of its ready wave its gradient is final, as a
+    fraction of its slice's layers: a slice runs backward from its last layer down, so a key of
+    layer ``j`` of a slice over ``[start, end)`` is final after ``end - j`` of its ``end - start``
+    layers (the largest such fraction over the ready wave's slices that use it).  Unused keys
+    get 1."""
+    fraction = np.zeros(len(index), dtype=np.float64)
+    for ref, s in iter_slices(plan.waves):
+        span = s.layer_end - s.layer_start
+        for j in range(s.layer_start, s.layer_end):
+            ids = index.layer_ids[s.metaop][j]
+            ids = ids[ready[ids] == ref.wave]
+            if len(ids):
+                fraction[ids] = np.maximum(fraction[ids], (s.layer_end - j) / span)
+    fraction[fraction == 0] = 1.0
+    return fraction
+
+
 def sync_bucket_runs(
-    items: Sequence[tuple[K, int, float]],
+    items: Sequence[tuple[K, Hashable, float]],
     bucket_bytes: float = SYNC_BUCKET_BYTES,
     min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
 ) -> list[list[K]]:
-    """One pool's keys ``(key, ready_wave, nbytes)`` in launch order cut into buckets: a bucket
+    """One pool's keys ``(key, ready point, nbytes)`` in launch order cut into buckets: a bucket
     ends before a key that would take it past ``bucket_bytes``, or, once it holds
-    ``min_bucket_bytes``, before one with another ready wave."""
+    ``min_bucket_bytes``, before one with another ready point."""
     buckets: list[list[K]] = []
     current: list[K] = []
     size = 0.0
-    previous = 0
-    for key, wave, nbytes in items:
+    previous: Hashable = None
+    for key, point, nbytes in items:
         if current and (size + nbytes > bucket_bytes
-                        or (size >= min_bucket_bytes and wave != previous)):
+                        or (size >= min_bucket_bytes and point != previous)):
             buckets.append(current)
             current, size = [], 0.0
         current.append(key)
         size += nbytes
-        previous = wave
+        previous = point
     if current:
         buckets.append(current)
     return buckets
@@ -269,33 +313,41 @@ def sync_bucket_runs(
 @dataclass(frozen=True)
 class SyncBucket:
     """Gradients all-reduced together inside ``group``: the keys ``keys`` (ids of a
-    :class:`ParameterIndex`), ``nbytes`` in all, final after the backward of ``ready_wave``."""
+    :class:`ParameterIndex`), ``nbytes`` in all, final on every device of the group once the
+    backward of ``ready_wave`` has run ``ready_fraction`` of its slices' layers."""
 
     group: tuple[int, ...]
     keys: tuple[int, ...]
     nbytes: float
     ready_wave: int
+    ready_fraction: float = 1.0
 
 
 def sync_buckets(
     index: ParameterIndex, holds: np.ndarray, ready: np.ndarray, element_bytes: float,
     bucket_bytes: float = SYNC_BUCKET_BYTES, min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
+    fraction: np.ndarray | None = None,
 ) -> list[SyncBucket]:
     """Every pool of more than one device cut into buckets (module docstring), in launch order.
-    ``ready`` all 0 means every gradient is final only after the whole backward."""
+    ``ready`` all 0 means every gradient is final only after the whole backward; ``fraction``
+    (:func:`ready_fractions`) places a key inside its ready wave's backward (None: at its end,
+    the wave-granular sync).  The launch order is by ready point: descending ready wave, then
+    ascending fraction; the same on every rank."""
     out: list[SyncBucket] = []
     waves = ready.tolist()
+    frac = [1.0] * len(waves) if fraction is None else fraction.tolist()
     pools = parameter_pools(holds)
     for group in sorted(pools, key=lambda g: (len(g), g)):
         # keys with nothing to train have no gradient to sync
         ids = [i for i in pools[group] if index.grad_sizes[i] > 0]
         if len(group) < 2 or not ids:
             continue
-        ordered = sorted(ids, key=lambda i: (-waves[i], index.names[i]))
+        ordered = sorted(ids, key=lambda i: (-waves[i], frac[i], index.names[i]))
         nbytes = {i: float(index.grad_sizes[i]) * element_bytes for i in ordered}
-        for run in sync_bucket_runs([(i, waves[i], nbytes[i]) for i in ordered],
+        for run in sync_bucket_runs([(i, (waves[i], frac[i]), nbytes[i]) for i in ordered],
                                     bucket_bytes, min_bucket_bytes):
+            # the last key is final last: the lowest wave, and in it the largest fraction
             out.append(SyncBucket(group, tuple(run), sum(nbytes[i] for i in run),
-                                  min(waves[i] for i in run)))
-    out.sort(key=lambda b: -b.ready_wave)  # stable: pool order within a wave
+                                  waves[run[-1]], frac[run[-1]]))
+    out.sort(key=lambda b: (-b.ready_wave, b.ready_fraction))  # stable: pools in order
     return out

@@ -197,15 +197,23 @@ def optimus(graph: MetaGraph, estimator: Estimator, num_devices: int) -> list[Wa
         left = num_devices - sum(out)
         times = [_task_time(t, estimator, s) for t, s in zip(ts, out, strict=True)]
         steps = [sorted({c for m in t for c in _valid(m, estimator, num_devices)}) for t in ts]
+        memo: dict[tuple[int, int], float] = {}  # (task, share) -> its time
+
+        def task_time(k: int, share: int) -> float:
+            got = memo.get((k, share))
+            if got is None:
+                got = memo[(k, share)] = _task_time(ts[k], estimator, share)
+            return got
+
         while left > 0:
             best: tuple[float, int, int, float] | None = None  # gain, task, new share, new time
-            for k, t in enumerate(ts):
+            for k in range(len(ts)):
                 # the next share at which this task gets faster (its time changes only where
                 # one of its MetaOps gains a valid count)
                 for s2 in steps[k][bisect.bisect_right(steps[k], out[k]):]:
                     if s2 - out[k] > left:
                         break
-                    t2 = _task_time(t, estimator, s2)
+                    t2 = task_time(k, s2)
                     if t2 < times[k]:
                         gain = (times[k] - t2) / (s2 - out[k])
                         if best is None or gain > best[0]:

@@ -14,6 +14,7 @@ plan is kept and :attr:`PlanResult.memory` says which devices overflow.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -27,19 +28,20 @@ from spindle.costs.hardware import HardwareModel
 from spindle.costs.memory import (
     MemoryModel,
     MemoryReport,
-    format_gb,
     memory_report,
 )
 from spindle.costs.profile import load_profile
 from spindle.costs.scalability import make_estimator
 from spindle.declare.workload import Workload, load_workload
 from spindle.plan.checks import validate_plan
-from spindle.plan.contract import MetaOp, Plan
+from spindle.plan.contract import MetaOp, Plan, Wave
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
 from spindle.planner.baselines import place_naive
-from spindle.planner.placement import PlacementError, place
+from spindle.planner.placement import place
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
+from spindle.planner.scheduler import schedule_variants
+from spindle.planner.search import memory_error, search
 from spindle.planner.simulator import (
     Links,
     SimulationResult,
@@ -47,6 +49,8 @@ from spindle.planner.simulator import (
     simulate,
     wave_compute_times,
 )
+
+log = logging.getLogger(__name__)
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
 PLACEMENTS = ("spindle", "naive")
@@ -66,6 +70,9 @@ class PlanningContext:
     placement: Placement = "spindle"
     check_memory: bool = True
     parameter_index: ParameterIndex | None = None
+    # Spindle's plan by the whole simulated iteration (spindle.planner.search); False: the
+    # wavefront schedule alone (the A/B of the search)
+    sync_aware: bool = True
 
     @property
     def hardware(self) -> HardwareModel:
@@ -140,12 +147,14 @@ def make_context(
     check_memory: bool = True,
     shard_optimizer: bool = False,
     recompute: bool = False,
+    sync_aware: bool = True,
 ) -> PlanningContext:
     """The fixed inputs of planning.  The cluster is ``cluster`` (a :class:`Cluster`, a cluster
     YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
     ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
     ``recompute`` (activation checkpointing) change only the memory model (see
-    :mod:`spindle.costs.memory`; the runtime does neither)."""
+    :mod:`spindle.costs.memory`; the runtime does neither).  ``sync_aware`` False plans Spindle
+    by the wave schedule alone (no search over candidates, :mod:`spindle.planner.search`)."""
     if num_devices is not None and not 1 <= num_devices <= MAX_DEVICES:
         raise PlanningError(f"--devices {num_devices}: the device count must be 1 to"
                             f" {MAX_DEVICES}")
@@ -167,31 +176,52 @@ def make_context(
     return PlanningContext(
         w, graph, est, cl, links_for_cluster(cl, profile=measured),
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
-        check_memory, graph.parameter_index,
+        check_memory, graph.parameter_index, sync_aware,
     )
 
 
 def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, float]:
     """Run ``planner`` and place its waves; returns the validated plan and the planning time
-    (planner + placement)."""
+    (planner + placement, and for Spindle the sync-aware search over its candidates)."""
     t0 = time.perf_counter()
-    waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
-    if ctx.placement == "naive":
-        placed = place_naive(waves, ctx.num_devices)
+    choice: dict[str, str] = {}
+    capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
+    index = ctx.parameter_index or ctx.graph.parameter_index
+    if planner == "spindle" and ctx.sync_aware:
+        found = search(spindle_candidates(ctx), ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
+                       ctx.memory_model, capacity, index, naive_placement=ctx.placement == "naive")
+        placed = found.waves
+        choice = {"schedule": found.schedule, "placement": found.placement,
+                  "searched": f"{found.placed} of {found.considered} candidate schedules placed"}
     else:
-        capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
-        placed = place(ctx.graph, waves, ctx.cluster, ctx.memory_model, capacity,
-                       ctx.parameter_index,
-                       wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links))
+        waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
+        if ctx.placement == "naive":
+            placed = place_naive(waves, ctx.num_devices)
+        else:
+            placed = place(ctx.graph, waves, ctx.cluster, ctx.memory_model, capacity, index,
+                           wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links),
+                           ctx.links)
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,
         workload_fingerprint=ctx.workload.fingerprint(), num_devices=ctx.num_devices,
         devices_per_node=ctx.devices_per_node, hardware=ctx.hardware.name,
-        metaops=tuple(ctx.graph.metaops), waves=tuple(placed),
+        metaops=tuple(ctx.graph.metaops), waves=tuple(placed), choice=choice,
     )
     validate_plan(plan, ctx.graph.metaops, source=f"{planner} plan")
     return plan, elapsed
+
+
+def spindle_candidates(ctx: PlanningContext) -> list[tuple[str, list[Wave]]]:
+    """The schedules Spindle's search chooses from: the wavefront scheduler's variants, then
+    every baseline's schedule that it can build (labelled by the baseline's name)."""
+    out = schedule_variants(ctx.graph, ctx.estimator, ctx.num_devices)
+    for name in BASELINES:
+        try:
+            out.append((name, plan_waves(name, ctx.graph, ctx.estimator, ctx.num_devices)))
+        except PlanningError as err:
+            log.info("search: no %s schedule: %s", name, err)
+    return out
 
 
 def plan_memory(ctx: PlanningContext, plan: Plan) -> MemoryReport:
@@ -205,14 +235,7 @@ def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
     mem = plan_memory(ctx, plan)
     if ctx.check_memory and not mem.fits():
         # only the naive placement gets here: Spindle's placement refuses before this
-        worst = max(mem.devices, key=lambda d: d.total_bytes)
-        names = ", ".join(ctx.graph.metaops[i].name for i in worst.metaops)
-        raise PlacementError(
-            f"out of memory: {planner} plan with {ctx.placement} placement: device {worst.device}"
-            f" needs {format_gb(worst.total_bytes)} of {format_gb(ctx.cluster.memory_bytes)}"
-            f" (short by {format_gb(worst.total_bytes - ctx.cluster.memory_bytes)}); it runs"
-            f" {names}"
-        )
+        raise memory_error(ctx.graph, mem, f"{planner} plan with {ctx.placement} placement")
     sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links, ctx.parameter_index)
     c_star, lb, lb_compute = ctx.bounds
     plan.estimates.update(

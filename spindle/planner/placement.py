@@ -72,7 +72,7 @@ from spindle.plan.layout import (
     value_elements,
 )
 from spindle.planner.baselines import place_naive
-from spindle.planner.simulator import Communication, communication, links_for_cluster
+from spindle.planner.simulator import Communication, Links, communication, links_for_cluster
 
 log = logging.getLogger(__name__)
 
@@ -392,15 +392,16 @@ def place_candidates(
     capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
     wave_compute: Sequence[float] | None = None,
+    links: Links | None = None,
 ) -> list[PlacementCandidate]:
     """Every placement :func:`place` chooses from: the greedy placement under each weighting of
     :data:`VARIANTS`, and the sequential placement when it fits memory; each with its simulated
-    send/recv and parameter-sync time on ``cluster``'s links (with the waves' compute times, the
-    sync overlapped with backward as the simulator has it)."""
+    send/recv and parameter-sync time on ``links`` (default: ``cluster``'s; with the waves'
+    compute times, the sync overlapped with backward as the simulator has it)."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
     index = index or graph.parameter_index
-    links = links_for_cluster(cluster, model.activation_bytes)
+    links = links or links_for_cluster(cluster, model.activation_bytes)
 
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
         plan = placed_plan(graph, cluster, name, placed)
@@ -447,6 +448,7 @@ def place(
     capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
     wave_compute: Sequence[float] | None = None,
+    links: Links | None = None,
 ) -> list[Wave]:
     """Spindle's topology- and memory-aware placement of ``waves`` on ``cluster``: the best of
     :func:`place_candidates` by simulated communication time (module docstring).
@@ -454,7 +456,7 @@ def place(
     device memory (``math.inf`` turns the memory check off).  Raises :class:`PlacementError`
     when no candidate fits."""
     best = best_candidate(place_candidates(graph, waves, cluster, memory_model, capacity_bytes,
-                                           index, wave_compute))
+                                           index, wave_compute, links))
     log.info("placement: %s (send/recv %.3g s, sync %.3g s, %.3g GB inter-node)", best.name,
              best.communication.send_recv_s, best.communication.sync_s,
              best.communication.bytes_inter / GB)
@@ -489,5 +491,5 @@ def _error(graph: MetaGraph, placer: _Placer, ov: _Overflow) -> PlacementError:
     )
 
 
-__all__ = ["place", "place_greedy", "place_candidates", "best_candidate", "place_naive",
-           "PlacementCandidate", "PlacementError", "VARIANTS"]
+__all__ = ["place", "place_greedy", "place_candidates", "best_candidate",
+           "place_naive", "PlacementCandidate", "PlacementError", "VARIANTS"]

@@ -128,22 +128,37 @@ def wavefront_schedule(
     num_devices: int,
     options: SchedulerOptions | None = None,
 ) -> list[Wave]:
-    """Spindle's plan for ``graph`` on ``num_devices`` devices, as unplaced waves."""
-    opts = options or SchedulerOptions()
-    curves = scaling_curves(graph.metaops, estimator, num_devices)
-    variants = [opts]
-    if opts.portfolio:
-        variants += [
-            replace(opts, rebalance_levels=not opts.rebalance_levels, portfolio=False),
-            replace(opts, alignment="shortest", rollouts=0, portfolio=False),
-        ]
+    """Spindle's plan for ``graph`` on ``num_devices`` devices, as unplaced waves: the shortest
+    schedule of :func:`schedule_variants`."""
     best: list[Wave] | None = None
-    for v in variants:
-        waves = _schedule(graph, curves, num_devices, v)
+    for _, waves in schedule_variants(graph, estimator, num_devices, options):
         if best is None or schedule_length(waves) < schedule_length(best) * (1.0 - 1e-12):
             best = waves
     assert best is not None
     return best
+
+
+def schedule_variants(
+    graph: MetaGraph,
+    estimator: Estimator,
+    num_devices: int,
+    options: SchedulerOptions | None = None,
+) -> list[tuple[str, list[Wave]]]:
+    """The wavefront schedule under ``options`` and, with ``options.portfolio``, under its
+    variants (rebalancing flipped; the paper's shortest-tuple alignment), each with a label.
+    The schedule alone picks among them in :func:`wavefront_schedule`; the sync-aware search of
+    :mod:`spindle.planner.search` picks by the whole simulated iteration."""
+    opts = options or SchedulerOptions()
+    curves = scaling_curves(graph.metaops, estimator, num_devices)
+    variants = [("wavefront", opts)]
+    if opts.portfolio:
+        variants += [
+            ("wavefront-rebalance" if not opts.rebalance_levels else "wavefront-bfs-levels",
+             replace(opts, rebalance_levels=not opts.rebalance_levels, portfolio=False)),
+            ("wavefront-shortest", replace(opts, alignment="shortest", rollouts=0,
+                                           portfolio=False)),
+        ]
+    return [(label, _schedule(graph, curves, num_devices, v)) for label, v in variants]
 
 
 def _schedule(

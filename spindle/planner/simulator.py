@@ -44,6 +44,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
+
 from spindle.costs.cluster import Cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
@@ -56,6 +58,7 @@ from spindle.plan.layout import (
     ParameterIndex,
     parameter_use,
     pieces,
+    ready_fractions,
     slice_inputs,
     slice_rows,
     sync_buckets,
@@ -92,9 +95,11 @@ class Links:
     # overlaps them (HardwareModel.sync_overlap), and backward's share of a wave's compute
     sync_overlap: float = 0.0
     backward_share: float = 2.0 / 3.0
-    # the runtime's sync buckets (spindle.runtime.param_groups; --min-bucket-bytes)
+    # the runtime's sync buckets (spindle.runtime.param_groups; --min-bucket-bytes), started as
+    # soon as their gradients are final inside a wave ("layer") or after the wave ("wave")
     sync_bucket_bytes: float = SYNC_BUCKET_BYTES
     sync_min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES
+    sync_start: str = "layer"
     # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
     # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
     # and a P2P exchange of that many bytes each way
@@ -137,7 +142,7 @@ class Links:
         n = len(group)
         if n <= 1 or nbytes <= 0:
             return 0.0
-        inter = len({self.node(d) for d in group}) > 1
+        inter = self.node(min(group)) != self.node(max(group))
         if self.allreduce_time_of is not None and not inter:
             return self.allreduce_time_of(nbytes, n)
         bw = self.inter_node_bw if inter else self.intra_node_bw
@@ -337,25 +342,29 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
 
     per_device_sync: dict[int, float] = defaultdict(float)
     index = index or graph.parameter_index
-    for group, nparams in pool_sizes(plan, index).items():
+    use = parameter_use(plan, index)
+    for group, nparams in pool_sizes(plan, index, use[0]).items():
         t = links.allreduce_s(nparams * links.grad_bytes, group)
         for d in group:
             per_device_sync[d] += t
     sync = max(per_device_sync.values(), default=0.0)
     if wave_compute is not None and links.sync_overlap > 0:
-        exposed = overlapped_sync_s(plan, graph, links, wave_compute, index)
+        exposed = overlapped_sync_s(plan, graph, links, wave_compute, index, use)
         sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
     return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
 
 
 def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
-                      wave_compute: Sequence[float], index: ParameterIndex | None = None
-                      ) -> float:
+                      wave_compute: Sequence[float], index: ParameterIndex | None = None,
+                      use: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """The gradient sync left after backward when every bucket starts as soon as the backward
-    waves have made it final (the runtime's overlap).  Forward takes ``1 - backward_share`` of
-    every wave's compute, backward the rest, in reverse wave order; a device runs its buckets'
-    all-reduces one after another, and a bucket starts when it is final and every device of its
-    group is free.  Returns how far the last all-reduce ends after the backward."""
+    has made it final (the runtime's overlap: inside its ready wave with ``sync_start`` "layer",
+    after it with "wave"; the same buckets in the same order, :func:`sync_buckets`).  Forward
+    takes ``1 - backward_share`` of every wave's compute, backward the rest, in reverse wave
+    order; a device runs its buckets' all-reduces one after another, and a bucket starts when it
+    is final and every device of its group is free.  Returns how far the last all-reduce ends
+    after the backward.  ``use``: the plan's :func:`spindle.plan.layout.parameter_use`, when
+    already known."""
     fwd = (1.0 - links.backward_share) * sum(wave_compute)
     done_after: dict[int, float] = {}
     t = fwd
@@ -366,11 +375,17 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     free: dict[int, float] = defaultdict(float)
     finish = backward_end
     index = index or graph.parameter_index
-    holds, ready = parameter_use(plan, index)
+    holds, ready = use if use is not None else parameter_use(plan, index)
+    fraction = ready_fractions(plan, index, ready) if links.sync_start == "layer" else None
     buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
-                           links.sync_min_bucket_bytes)
+                           links.sync_min_bucket_bytes, fraction)
     for b in buckets:
-        start = max([done_after.get(b.ready_wave, backward_end)] + [free[d] for d in b.group])
+        # final once the wave's backward has run b.ready_fraction of it (its slices start
+        # together; a slice shorter than its wave makes this conservative)
+        final = done_after.get(b.ready_wave, backward_end)
+        if b.ready_wave in done_after:
+            final -= (1.0 - b.ready_fraction) * links.backward_share * wave_compute[b.ready_wave]
+        start = max([final] + [free[d] for d in b.group])
         end = start + links.allreduce_s(b.nbytes, b.group)
         for d in b.group:
             free[d] = end
@@ -388,8 +403,10 @@ def device_parameters(plan: Plan, index: ParameterIndex) -> list[float]:
 
 
 def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
-             index: ParameterIndex | None = None) -> SimulationResult:
-    """The simulated iteration of ``plan`` (module docstring)."""
+             index: ParameterIndex | None = None, comm: Communication | None = None
+             ) -> SimulationResult:
+    """The simulated iteration of ``plan`` (module docstring); ``comm``, when given, is the
+    plan's :func:`communication` on ``links`` already computed (by the placement)."""
     index = index or graph.parameter_index
     schedule = 0.0
     busy = [0.0] * plan.num_devices
@@ -404,7 +421,7 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
         schedule += sched_w
     wave_compute = wave_compute_times(plan.waves, graph, estimator, links)
     compute = sum(wave_compute)
-    comm = communication(plan, graph, links, wave_compute, index)
+    comm = comm or communication(plan, graph, links, wave_compute, index)
     held = device_parameters(plan, index)
     return SimulationResult(
         schedule_s=schedule, compute_s=compute, send_recv_s=comm.send_recv_s, sync_s=comm.sync_s,

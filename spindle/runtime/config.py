@@ -25,6 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
+SYNC_STARTS = ("layer", "wave")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,10 @@ class RunConfig:
     overlap_sync: bool = field(default=True, metadata=_opt(
         "all-reduce the gradients after the whole backward instead of each bucket as soon as"
         " the backward waves have made it final", flag="--no-overlap-sync"))
+    sync_start: str = field(default="layer", metadata=_opt(
+        "when a gradient bucket's all-reduce starts: layer: as soon as the backward has made"
+        " its gradients final, inside a wave (post-accumulate-grad hooks); wave: after the"
+        " backward of its ready wave", choices=SYNC_STARTS))
     min_bucket_bytes: int = field(default=SYNC_MIN_BUCKET_BYTES, metadata=_opt(
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
         f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)", metavar="N"))

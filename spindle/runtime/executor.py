@@ -99,7 +99,9 @@ class WaveExecutor:
         # task -> data position minus step (non-zero after a resume: a task's data continues
         # where it stopped, a task new to the run starts at position 0)
         self.data_offsets: dict[str, int] = {}
-        # called with every wave index after its backward and gradient send (the sync overlap)
+        # called with every wave index before its backward, and after its backward and
+        # gradient send (the sync overlap)
+        self.before_backward: Callable[[int], None] | None = None
         self.after_backward: Callable[[int], None] | None = None
 
     # -- input data -----------------------------------------------------------------------------
@@ -163,6 +165,8 @@ class WaveExecutor:
         output_grads: dict[ValueKey, list[torch.Tensor | None]] = {}
         for w in reversed(range(num_waves)):
             input_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
+            if self.before_backward is not None:
+                self.before_backward(w)
             rec = records.pop(w, None)
             if rec is not None:
                 with self.timer.phase("compute"):
@@ -262,14 +266,16 @@ class TrainingRun:
         self.groups = ParameterGroups(
             plan, self.local.index, self.local.members, rank, world_size, device, dtype,
             overlap=config.overlap_sync, min_bucket_bytes=config.min_bucket_bytes,
-            timeout_s=config.timeout, trainable=provider.trainable,
+            timeout_s=config.timeout, trainable=provider.trainable, sync_start=config.sync_start,
         )
+        self.groups.attach(self.local.params)
         schedule = TransmissionSchedule.build(plan)
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout)
         self.timer = PhaseTimer(device)
         self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
                                      config.seed, dtype, device, config.data_workers)
         if config.overlap_sync:
+            self.executor.before_backward = self.groups.begin_backward
             self.executor.after_backward = self._launch_ready
         # frozen parameters (requires_grad False) have no gradient and no optimizer state
         params = [p for p in self.local.params.values() if p.requires_grad]

@@ -12,14 +12,24 @@ contract), so the gradient of the objective is the plain sum of every rank's loc
 rank outside ``D`` never touches ``W`` and contributes zero.
 
 Overlap with backward (docs/method.md section 10): a parameter's gradient is final once the backward
-of the earliest wave that uses it has run, on every rank (its *ready wave*), and the pools are
-cut into buckets by :func:`spindle.plan.layout.sync_buckets`, the rule the simulator models.
-:meth:`ParameterGroups.launch_ready` is called by every rank after the backward of every wave, in
-the same order, and starts the asynchronous all-reduce of each bucket that became final;
-:meth:`ParameterGroups.finish` waits for them all and copies the sums back.  Every rank of a
-pool launches the same buckets at the same wave, so every group sees one collective order; the
-sync collectives run on process groups of their own (the world's too), apart from the default
-group that carries the inter-wave P2P traffic and the clip norm.
+of the earliest wave that uses it has run, on every rank (its *ready wave*), and inside that wave
+once the backward has passed its layer (its *ready fraction*); the pools are cut into buckets by
+:func:`spindle.plan.layout.sync_buckets`, in one launch order by ready point, the rule the
+simulator models.  Every rank launches its buckets' asynchronous all-reduces strictly in that
+order, so every group sees one collective order:
+
+* ``sync_start="layer"`` (default): a post-accumulate-grad hook on every trainable parameter
+  counts it final when it fires in the backward of the earliest wave that uses it on this rank;
+  the next buckets in order are launched as soon as all their parameters are final, from inside
+  the backward (as DDP's reducer does);
+* :meth:`ParameterGroups.launch_ready` is called by every rank after the backward of every wave
+  and launches, in order, every bucket whose ready wave it was (a parameter that got no gradient
+  never fires its hook; ``sync_start="wave"`` launches only here);
+* :meth:`ParameterGroups.finish` launches what is left, waits for them all and copies the sums
+  back.
+
+The sync collectives run on process groups of their own (the world's too), apart from the
+default group that carries the inter-wave P2P traffic and the clip norm.
 
 The global gradient norm counts every parameter once: after the sync all replicas hold the same
 gradient, so only the lowest rank of each ``D`` adds its squared norm before one all-reduce over
@@ -43,8 +53,11 @@ from spindle.plan.layout import (
     SYNC_MIN_BUCKET_BYTES,
     ParameterIndex,
     SyncBucket,
+    executing_devices,
+    iter_slices,
     parameter_pools,
     parameter_use,
+    ready_fractions,
     sync_buckets,
 )
 
@@ -93,12 +106,15 @@ class ParameterGroups:
         min_bucket_bytes: int = SYNC_MIN_BUCKET_BYTES,
         timeout_s: float | None = None,
         trainable: Callable[[str], bool] | None = None,
+        sync_start: str = "layer",
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.rank = rank
         self.world_size = world_size
         holds, ready = parameter_use(plan, index)
+        layer = overlap and sync_start == "layer"
+        fraction = ready_fractions(plan, index, ready) if layer else None
         if not overlap:
             ready = np.zeros_like(ready)
         # every parameter's group is its module's; its shape, for the gather
@@ -122,45 +138,87 @@ class ParameterGroups:
         element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1
         # frozen parameters have no gradient to sync (the same rule on every rank)
         self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = []
-        for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes):
+        for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes,
+                              fraction):
             names = tuple(n for k in b.keys for n in members[index.names[k]]
                           if trainable is None or trainable(n))
             if rank in b.group and names:
                 self.buckets.append((b, names))
         self._pending: list[BucketSum] = []
-        self._launched: set[int] = set()
+        self._next = 0  # buckets[:_next] are launched this iteration
+        # the layer-granular start: each bucket's parameters not yet final this iteration, and
+        # the wave in whose backward a parameter is final on this rank (its earliest use here)
+        self._final_wave: dict[str, int] = {}
+        self._bucket_of: dict[str, int] = {}
+        self._waiting: list[int] = []
+        self._wave = -1
+        self._params: Mapping[str, torch.nn.Parameter] | None = None
+        if layer:
+            local = _earliest_local_wave(plan, index, rank)
+            for i, (b, names) in enumerate(self.buckets):
+                for name in names:
+                    self._bucket_of[name] = i
+                    self._final_wave[name] = min(int(local[k]) for k in b.keys
+                                                 if name in members[index.names[k]])
+            self._waiting = [len(names) for _, names in self.buckets]
         log.debug("rank %d: %d process groups, %d buckets", rank, len(self._groups),
                   len(self.buckets))
 
     # -- the sync ----------------------------------------------------------------------------
-    def launch_ready(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
-        """Start the all-reduce of every bucket whose gradients are final once the backward of
-        ``wave`` has run (every rank calls this after every wave's backward, in order)."""
-        for i, (bucket, _) in enumerate(self.buckets):
-            if i not in self._launched and bucket.ready_wave >= wave:
-                self._launch(i, params)
+    def attach(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Register the layer-granular start's post-accumulate-grad hooks on ``params`` (the
+        rank's parameters by logical name); without ``sync_start="layer"`` this does nothing."""
+        self._params = params
+        for name in self._bucket_of:
+            params[name].register_post_accumulate_grad_hook(self._hook(name))
 
-    def _launch(self, index: int, params: Mapping[str, torch.nn.Parameter]) -> None:
-        bucket, names = self.buckets[index]
-        grads: list[torch.Tensor] = []
-        for name in names:
-            p = params[name]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        self._pending.append(BucketSum(grads, self._groups[bucket.group]))
-        self._launched.add(index)
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def final(_: torch.Tensor) -> None:
+            if self._wave != self._final_wave[name]:
+                return  # a later wave's backward on this rank: more gradient still to come
+            i = self._bucket_of[name]
+            self._waiting[i] -= 1
+            if self._waiting[i] == 0 and i == self._next:
+                self._launch_until(len(self.buckets), lambda k: self._waiting[k] == 0)
+        return final
+
+    def begin_backward(self, wave: int) -> None:
+        """The backward of ``wave`` starts (the hooks count a parameter final in the earliest
+        wave that uses it on this rank)."""
+        self._wave = wave
+
+    def launch_ready(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Start, in order, the all-reduce of every bucket whose gradients are final once the
+        backward of ``wave`` has run (every rank calls this after every wave's backward)."""
+        self._params = params
+        self._launch_until(len(self.buckets), lambda k: self.buckets[k][0].ready_wave >= wave
+                           or (bool(self._waiting) and self._waiting[k] == 0))
+
+    def _launch_until(self, end: int, ready: Callable[[int], bool]) -> None:
+        """Launch buckets from the next one on, in order, while ``ready`` holds (and before
+        ``end``)."""
+        assert self._params is not None
+        while self._next < end and ready(self._next):
+            bucket, names = self.buckets[self._next]
+            grads: list[torch.Tensor] = []
+            for name in names:
+                p = self._params[name]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            self._pending.append(BucketSum(grads, self._groups[bucket.group]))
+            self._next += 1
 
     def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:
         """Launch what is left, wait for every bucket and copy the sums into the gradients;
         returns the bytes this rank contributed to all-reduces this iteration."""
-        for i in range(len(self.buckets)):
-            if i not in self._launched:
-                self._launch(i, params)
+        self._params = params
+        self._launch_until(len(self.buckets), lambda k: True)
         for pending in self._pending:
             pending.wait()
         nbytes = sum(pending.nbytes for pending in self._pending)
-        self._pending, self._launched = [], set()
+        self._pending, self._next, self._wave = [], 0, -1
+        self._waiting = [len(names) for _, names in self.buckets] if self._bucket_of else []
         return nbytes
 
     def global_grad_norm(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
@@ -209,3 +267,14 @@ class ParameterGroups:
         if self.rank != dst:
             return None
         return {name: result[name].cpu().clone() for name in sorted(result)}
+
+
+def _earliest_local_wave(plan: Plan, index: ParameterIndex, rank: int) -> np.ndarray:
+    """Per key, the earliest wave in which ``rank`` executes an operator using it (its gradient
+    is final here after that wave's backward; ``len(waves)`` where it never does)."""
+    earliest = np.full(len(index), len(plan.waves), dtype=np.int64)
+    for ref, s in iter_slices(plan.waves):
+        if rank in executing_devices(plan.metaops[s.metaop], s.devices):
+            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+            earliest[ids] = np.minimum(earliest[ids], ref.wave)
+    return earliest

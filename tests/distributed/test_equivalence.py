@@ -77,17 +77,21 @@ def test_every_plan_trains_like_one_process_float64(
         assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/{nproc}/{label}")
 
 
-def test_sync_after_backward_trains_like_one_process(tmp_path: Path) -> None:
-    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) is the same
-    update as the overlapped sync."""
+@pytest.mark.parametrize("sync", [("--no-overlap-sync",), ("--sync-start", "wave")],
+                         ids=["after-backward", "wave-granular"])
+def test_other_sync_starts_train_like_one_process(tmp_path: Path, sync: tuple[str, ...]) -> None:
+    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) and
+    ``--sync-start wave`` (a bucket after its ready wave's backward, not inside it) are the same
+    update as the default layer-granular sync (which the test above runs)."""
     workload = "tiny-ofasys"
     plans = {k: v for k, v in all_plans(load_workload(workload), 2).items()
              if k in ("spindle", "mixed")}
-    out = _train_plans(tmp_path, workload, 2, plans, "float64", ("--no-overlap-sync",))
+    out = _train_plans(tmp_path, workload, 2, plans, "float64",
+                       (*sync, "--min-bucket-bytes", "0"))
     want = reference(workload, "float64")
     for label in plans:
         got = torch.load(out / label / "params.pt")
-        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/2/{label}/after")
+        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/2/{label}/{sync}")
 
 
 def is_gradient_free(name: str) -> bool:

@@ -172,6 +172,87 @@ def test_sync_buckets_follow_the_ready_waves_and_the_size_caps() -> None:
     assert buckets(25 * mib, mib, 0 * ready) == [(("a", "b", "c"), 0), (("d",), 0)]
 
 
+def _layered_plan() -> tuple[Plan, ParameterIndex]:
+    """MetaOp 0 (3 layers) on devices (0, 1) in waves 0 and 1 (layers [0, 1) then [1, 3)),
+    layer ``j`` using the key ``w<j>`` (4 MiB each at 1 byte per element)."""
+    graph = synthetic_graph([3], batches=[8])
+    plan = Plan("hand", "t", "0", 2, 2, "", tuple(graph.metaops),
+                (Wave((Slice(0, 0, 1, (0, 1)),)), Wave((Slice(0, 1, 3, (0, 1)),))))
+    index = ParameterIndex(graph.metaops, lambda ref: {f"w{ref.layer}": 4 << 20})
+    return plan, index
+
+
+def test_ready_fractions_place_a_key_inside_its_ready_wave_backward() -> None:
+    from spindle.plan.layout import ready_fractions
+
+    plan, index = _layered_plan()
+    holds, ready = parameter_use(plan, index)
+    fraction = dict(zip(index.names, ready_fractions(plan, index, ready).tolist()))
+    # wave 1 runs layers [1, 3) backward from layer 2: w2 after 1 of 2 layers, w1 after both
+    assert fraction == {"w0": 1.0, "w1": 1.0, "w2": 0.5}
+    got = [(tuple(index.names[k] for k in b.keys), b.ready_wave, b.ready_fraction)
+           for b in sync_buckets(index, holds, ready, 1, min_bucket_bytes=0,
+                                 fraction=ready_fractions(plan, index, ready))]
+    assert got == [(("w2",), 1, 0.5), (("w1",), 1, 1.0), (("w0",), 0, 1.0)]
+    # wave-granular: every key final at its wave's end, so w1 and w2 share a ready point
+    got = [(tuple(index.names[k] for k in b.keys), b.ready_wave, b.ready_fraction)
+           for b in sync_buckets(index, holds, ready, 1, min_bucket_bytes=0)]
+    assert got == [(("w1", "w2"), 1, 1.0), (("w0",), 0, 1.0)]
+
+
+def test_layer_granular_sync_launches_a_bucket_inside_the_backward(monkeypatch) -> None:
+    """A bucket is launched from the post-accumulate-grad hook of its last parameter, before the
+    backward reaches the layers below it; buckets always launch in the plan's order."""
+    from spindle.runtime import param_groups
+
+    events: list[str] = []
+
+    class Recorder:
+        def __init__(self, grads: list[torch.Tensor], group: object) -> None:
+            self.nbytes = 0
+            events.append("launch " + ",".join(names_of[id(g)] for g in grads))
+
+        def wait(self) -> None:
+            pass
+
+    monkeypatch.setattr(param_groups, "BucketSum", Recorder)
+    plan, index = _layered_plan()
+    members = {f"w{j}": {f"w{j}": (1,)} for j in range(3)}
+    for start in ("layer", "wave"):
+        events.clear()
+        params = {f"w{j}": torch.nn.Parameter(torch.tensor([1.0 + j])) for j in range(3)}
+        names_of: dict[int, str] = {}
+
+        def naming(name: str):  # noqa: ANN202
+            def hook(p: torch.Tensor) -> None:
+                names_of[id(p.grad)] = name
+                if name == "w1":
+                    events.append("grad w1")
+            return hook
+
+        for name in params:  # before the groups' own hooks: they fire in registration order
+            params[name].register_post_accumulate_grad_hook(naming(name))
+        groups = param_groups.ParameterGroups(plan, index, members, 0, 1, min_bucket_bytes=0,
+                                              sync_start=start)
+        groups.attach(params)
+        x = torch.ones(1)
+        h0 = (x * params["w0"]).detach().requires_grad_(True)  # wave 0's output, a leaf of wave 1
+        for wave in (1, 0):
+            groups.begin_backward(wave)
+            if wave == 1:
+                ((h0 * params["w1"]) * params["w2"]).sum().backward()
+            else:
+                (x * params["w0"]).backward(h0.grad)
+            events.append(f"end {wave}")
+            groups.launch_ready(wave, params)
+        groups.finish(params)
+        if start == "layer":
+            assert events == ["launch w2", "grad w1", "launch w1", "end 1", "launch w0", "end 0"]
+        else:
+            # (16 MiB of float32 each: w1 and w2 do not fit one 25 MiB bucket)
+            assert events == ["grad w1", "end 1", "launch w1", "launch w2", "end 0", "launch w0"]
+
+
 def test_combine_ranks_takes_the_slowest_phase_and_sums_bytes_and_losses() -> None:
     tasks = ["t1", "t2"]
     a = RankIteration(1.0, 0.1, {p: 0.1 for p in PHASES}, 100, 50, 8, {"t1": 0.5})
@@ -238,7 +319,7 @@ def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) ->
                         device="cpu", save="out", metrics="m.jsonl", timeout=9.0,
                         overlap_sync=False, min_bucket_bytes=7, progress=False,
                         data_workers=2, checkpoint_dir="ck", checkpoint_every=4, keep=1,
-                        resume=True)
+                        resume=True, sync_start="wave")
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(RunConfig))
     launcher_args = parser.parse_args(["tiny-ofasys", *changed.to_argv()])
     entry_args = build_parser().parse_args(train_arguments(launcher_args, plan))

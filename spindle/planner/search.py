@@ -1,0 +1,151 @@
+"""Sync-aware plan search: Spindle's plan is the candidate with the shortest *whole* simulated
+iteration, not the shortest wave schedule.
+
+The wavefront scheduler minimises the wave schedule (sum of wave lengths under the estimator).
+The iteration the runtime runs also pays what the schedule leaves out or only approximates: the
+transfers between waves, the parameter sync of each device group with the part of it that hides
+under the remaining backward, and the optimizer.  A schedule that is a little longer can have
+far less exposed sync (an LLM's gradients all-reduced while smaller encoders still run backward)
+or fewer, cheaper transfers.  So Spindle plans several candidate schedules:
+
+* the wavefront scheduler's variants (:func:`spindle.planner.scheduler.schedule_variants`), and
+* the schedules of the baselines' rules (sequential, one task per device share, ...): they are
+  valid wave schedules too, and Spindle runs them with its own placement;
+
+places each with every placement candidate (:func:`spindle.planner.placement.place_candidates`,
+memory checked), simulates every placed plan (:func:`spindle.planner.simulator.simulate`) and
+keeps the fastest; ties go to the earlier candidate (the wavefront first).  The same placement
+and simulation decide the baselines' own rows, so the plan returned is never slower in the
+simulator than any baseline's.  A candidate whose compute alone already exceeds the best
+iteration found is not placed (compute is a lower bound of the iteration): the search costs a
+few placements, not one per candidate.
+
+What was chosen is recorded in the plan (:attr:`spindle.plan.contract.Plan.choice`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spindle.costs.cluster import Cluster
+from spindle.costs.estimator import Estimator
+from spindle.costs.graph import MetaGraph
+from spindle.costs.memory import MemoryModel, MemoryReport, format_gb, memory_report
+from spindle.plan.contract import Wave
+from spindle.plan.layout import ParameterIndex
+from spindle.planner.baselines import place_naive
+from spindle.planner.placement import (
+    PlacementError,
+    place_candidates,
+    placed_plan,
+)
+from spindle.planner.registry import check_waves
+from spindle.planner.simulator import (
+    Communication,
+    Links,
+    SimulationResult,
+    simulate,
+    wave_compute_times,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen placed waves, their simulation, and what was searched."""
+
+    waves: list[Wave]
+    simulation: SimulationResult
+    schedule: str  # the label of the chosen candidate schedule
+    placement: str  # the name of its placement candidate
+    considered: int  # candidate schedules
+    placed: int  # candidate schedules that were placed (the rest were pruned or did not fit)
+
+
+def search(
+    schedules: Sequence[tuple[str, list[Wave]]],
+    graph: MetaGraph,
+    estimator: Estimator,
+    cluster: Cluster,
+    links: Links,
+    memory_model: MemoryModel,
+    capacity_bytes: float,
+    index: ParameterIndex,
+    naive_placement: bool = False,
+) -> SearchResult:
+    """The candidate of ``schedules`` (label, unplaced waves) whose placed plan simulates
+    fastest (module docstring).  ``naive_placement`` places every candidate with the
+    sequential placement instead of Spindle's.  Raises the first candidate's
+    :class:`PlacementError` when none fits ``capacity_bytes``."""
+    best: SearchResult | None = None
+    first_error: PlacementError | None = None
+    placed_count = 0
+    seen: set[tuple[Wave, ...]] = set()
+    for label, waves in schedules:
+        if tuple(waves) in seen:
+            continue  # the same waves as an earlier candidate (baselines often coincide)
+        seen.add(tuple(waves))
+        check_waves(waves, graph, estimator, cluster.num_devices, source=f"schedule '{label}'")
+        compute = wave_compute_times(waves, graph, estimator, links)
+        if best is not None and sum(compute) >= best.simulation.makespan_s:
+            continue  # compute alone is a lower bound of the iteration
+        try:
+            placements = _placements(waves, graph, cluster, memory_model, capacity_bytes, index,
+                                     compute, links, naive_placement, label)
+        except PlacementError as err:
+            first_error = first_error or err
+            log.info("search: schedule %s does not fit: %s", label, err)
+            continue
+        placed_count += 1
+        for name, placed, comm in placements:
+            sim = simulate(placed_plan(graph, cluster, label, placed), graph, estimator, links,
+                           index, comm)
+            if best is None or sim.makespan_s < best.simulation.makespan_s * (1.0 - 1e-12):
+                best = SearchResult(placed, sim, label, name, len(schedules), 0)
+    if best is None:
+        assert first_error is not None
+        raise first_error
+    log.info("search: %s schedule with %s placement (%.4g s simulated), %d of %d candidate"
+             " schedules placed", best.schedule, best.placement, best.simulation.makespan_s,
+             placed_count, len(schedules))
+    return SearchResult(best.waves, best.simulation, best.schedule, best.placement,
+                        len(schedules), placed_count)
+
+
+def _placements(
+    waves: list[Wave], graph: MetaGraph, cluster: Cluster, model: MemoryModel, capacity: float,
+    index: ParameterIndex, compute: Sequence[float], links: Links, naive: bool, label: str,
+) -> list[tuple[str, list[Wave], Communication | None]]:
+    """The placements to simulate for ``waves`` with their communication on ``links`` when
+    known: Spindle's candidates, or the sequential one."""
+    if not naive:
+        return [(c.name, c.waves, c.communication)
+                for c in place_candidates(graph, waves, cluster, model, capacity, index, compute,
+                                          links)]
+    placed = place_naive(waves, cluster.num_devices)
+    if not math.isinf(capacity):
+        report = memory_report(placed_plan(graph, cluster, "sequential", placed), graph, model,
+                               capacity, index)
+        if not report.fits():
+            raise memory_error(graph, report, f"schedule '{label}' with naive placement")
+    return [("sequential", placed, None)]
+
+
+def memory_error(graph: MetaGraph, report: MemoryReport, what: str) -> PlacementError:
+    """The one-line refusal of a placed plan whose fullest device overflows ``report``'s
+    capacity: the device, what it needs, the GB short and the MetaOps it runs."""
+    worst = max(report.devices, key=lambda d: d.total_bytes)
+    capacity = float(report.capacity_bytes or 0.0)
+    names = ", ".join(graph.metaops[i].name for i in worst.metaops)
+    return PlacementError(
+        f"out of memory: {what}: device {worst.device} needs {format_gb(worst.total_bytes)} of"
+        f" {format_gb(capacity)} (short by {format_gb(worst.total_bytes - capacity)}); it runs"
+        f" {names}"
+    )
+
+
+__all__ = ["SearchResult", "search", "memory_error"]
