@@ -289,12 +289,12 @@ class MemoryLedger:
         ids = self.index.slice_ids(s.metaop, s.layer_start, s.layer_end)
         per_key = self._param_bytes(ids, len(devs))
         act = slice_activation(self.graph.metaops, m, s.layer_start, s.layer_end, s.n, self.model)
+        at = np.ix_(ids, devs)
+        self.param_bytes[devs] += per_key @ ~self.holds[at]  # the keys each device takes anew
+        self.holds[at] = True
+        self.saved[devs] += act.saved
+        self.transient[devs] = np.maximum(self.transient[devs], act.transient)
         for d in devs:
-            new = ~self.holds[ids, d]
-            self.param_bytes[d] += per_key[new].sum()
-            self.holds[ids, d] = True
-            self.saved[d] += act.saved
-            self.transient[d] = max(self.transient[d], act.transient)
             self.metaops_on[d].append(s.metaop)
 
     def report(self, capacity_bytes: float | None = None) -> MemoryReport:

@@ -366,7 +366,8 @@ def place_greedy(
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
     index = index or graph.parameter_index
-    _check_alone(graph, waves, model, capacity, index)
+    if not math.isinf(capacity):
+        _check_alone(graph, waves, model, capacity, index)
     modes = [LOCALITY] * len(waves)
     span = 1
     while True:
