@@ -31,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 PLANNED = ("spindle", "sequential")
+# the Spindle plan run with its gradient buckets started after their ready wave's backward
+# ("wave") and after the whole backward ("after"), beside the default (inside the wave)
+SYNC_VARIANTS: dict[str, dict[str, Any]] = {
+    "spindle/sync-wave": {"sync_start": "wave"},
+    "spindle/sync-after": {"overlap_sync": False},
+}
 DEFAULT_WORKLOADS = ("small-multitask-clip", "small-ofasys", "small-qwen-val")
 
 
@@ -81,9 +87,13 @@ def worker(args: argparse.Namespace) -> None:
                            device, RunConfig(seed=args.seed))
             for p in PLANNED
         }
-        iterations: dict[str, list[float]] = {p: [] for p in (*PLANNED, "ddp")}
+        # the Spindle plan again with the gradient sync started later (the sync A/B)
+        for label, config in SYNC_VARIANTS.items():
+            runs[label] = TrainingRun(workload, load_plan(plans_dir / f"{name}-spindle.json"),
+                                      rank, world, device, RunConfig(seed=args.seed, **config))
+        iterations: dict[str, list[float]] = {p: [] for p in (*runs, "ddp")}
         phases: dict[str, dict[str, float]] = {}
-        next_step = {p: 0 for p in PLANNED}
+        next_step = {p: 0 for p in runs}
         for _ in range(args.rounds):
             for p, run in runs.items():
                 warm = range(next_step[p], next_step[p] + args.warmup)
@@ -219,6 +229,21 @@ def main() -> int:
                                  for c in cs)
         print(f"| {name} | {sp:.1f} | {sq:.1f} | {dd:.1f} | {sq / sp:.2f}x | {dd / sp:.2f}x |"
               f" {pred:.2f}x | {sq / dd:.3f} |")
+    print("\nGradient sync started inside a wave (default, `--sync-start layer`), after its"
+          " ready wave (`--sync-start wave`) and after the whole backward (`--no-overlap-sync`),"
+          " the Spindle plan in the same launch; communication hidden = (compute +"
+          " communication - overlapped total) / communication, with compute + communication ="
+          " the no-overlap iteration and communication = its send/recv + param-sync phases:\n")
+    print("| workload | layer ms | wave ms | after ms | layer vs wave | hidden (layer) |"
+          " hidden (wave) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, cs in cycles.items():
+        lay, wav, aft = (pooled(cs, k) for k in ("spindle", "spindle/sync-wave",
+                                                 "spindle/sync-after"))
+        ph = cs[-1].measured["phases_s"]["spindle/sync-after"]
+        comm = 1e3 * (ph["send_recv"] + ph["param_sync"])
+        print(f"| {name} | {lay:.1f} | {wav:.1f} | {aft:.1f} | {wav / lay:.3f}x |"
+              f" {100 * (aft - lay) / comm:.0f}% | {100 * (aft - wav) / comm:.0f}% |")
     print("\nSimulator's prediction (compute + send/recv + param sync + optimizer) against the"
           " measured iteration, per cycle (each cycle's own profile), and the median error:\n")
     head = " | ".join(f"cycle {i + 1} pred. / meas. ms" for i in range(args.cycles))

@@ -284,7 +284,7 @@ class MemoryLedger:
 
     def add(self, s: Slice) -> None:
         m = self.graph.metaops[s.metaop]
-        devs = list(executing_devices(m, s.devices))
+        devs = np.asarray(executing_devices(m, s.devices), dtype=np.int64)
         assert self.index is not None
         ids = self.index.slice_ids(s.metaop, s.layer_start, s.layer_end)
         per_key = self._param_bytes(ids, len(devs))
@@ -294,7 +294,7 @@ class MemoryLedger:
         self.holds[at] = True
         self.saved[devs] += act.saved
         self.transient[devs] = np.maximum(self.transient[devs], act.transient)
-        for d in devs:
+        for d in devs.tolist():
             self.metaops_on[d].append(s.metaop)
 
     def report(self, capacity_bytes: float | None = None) -> MemoryReport:

@@ -21,7 +21,7 @@ Everything here follows from the plan alone (no torch):
   fraction* is the share of its slice's layers run by then (:func:`ready_fractions`).
 * **Sync buckets.**  Each pool's keys (pools by size, then devices), by ready point (descending
   ready wave, ascending ready fraction) then name, are cut into buckets of at most
-  ``bucket_bytes`` that also end where the ready point changes once they hold
+  ``bucket_bytes`` that also end where the ready wave changes once they hold
   ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by ready
   point (:func:`sync_buckets`): the order every rank launches them in, and the simulator models.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -286,20 +286,24 @@ def ready_fractions(plan: Plan, index: ParameterIndex, ready: np.ndarray) -> np.
 
 
 def sync_bucket_runs(
-    items: Sequence[tuple[K, Hashable, float]],
+    items: Sequence[tuple[K, tuple[int, float], float]],
     bucket_bytes: float = SYNC_BUCKET_BYTES,
     min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
 ) -> list[list[K]]:
-    """One pool's keys ``(key, ready point, nbytes)`` in launch order cut into buckets: a bucket
-    ends before a key that would take it past ``bucket_bytes``, or, once it holds
-    ``min_bucket_bytes``, before one with another ready point."""
+    """One pool's keys ``(key, (ready wave, ready fraction), nbytes)`` in launch order cut into
+    buckets: a bucket ends before a key that would take it past ``bucket_bytes``, or, once it
+    holds ``min_bucket_bytes``, before one with another ready wave.  Inside a wave buckets fill
+    up to ``bucket_bytes`` (as DDP's do: a bucket per layer would pay a collective's latency per
+    layer); ``min_bucket_bytes`` 0 cuts at every ready point (the most buckets)."""
     buckets: list[list[K]] = []
     current: list[K] = []
     size = 0.0
-    previous: Hashable = None
+    previous: tuple[int, float] | None = None
     for key, point, nbytes in items:
+        moved = previous is not None and (point[0] != previous[0] if min_bucket_bytes > 0
+                                          else point != previous)
         if current and (size + nbytes > bucket_bytes
-                        or (size >= min_bucket_bytes and point != previous)):
+                        or (size >= min_bucket_bytes and moved)):
             buckets.append(current)
             current, size = [], 0.0
         current.append(key)

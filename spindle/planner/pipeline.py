@@ -34,14 +34,14 @@ from spindle.costs.profile import load_profile
 from spindle.costs.scalability import make_estimator
 from spindle.declare.workload import Workload, load_workload
 from spindle.plan.checks import validate_plan
-from spindle.plan.contract import MetaOp, Plan, Wave
+from spindle.plan.contract import MetaOp, Plan
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
 from spindle.planner.baselines import place_naive
 from spindle.planner.placement import place
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
 from spindle.planner.scheduler import schedule_variants
-from spindle.planner.search import memory_error, search
+from spindle.planner.search import Candidate, memory_error, search
 from spindle.planner.simulator import (
     Links,
     SimulationResult,
@@ -212,13 +212,17 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     return plan, elapsed
 
 
-def spindle_candidates(ctx: PlanningContext) -> list[tuple[str, list[Wave]]]:
-    """The schedules Spindle's search chooses from: the wavefront scheduler's variants, then
-    every baseline's schedule that it can build (labelled by the baseline's name)."""
-    out = schedule_variants(ctx.graph, ctx.estimator, ctx.num_devices)
+def spindle_candidates(ctx: PlanningContext) -> list[Candidate]:
+    """The schedules Spindle's search chooses from: the wavefront scheduler's variants (the
+    first with every placement, the others with the placement that won for it), then every
+    baseline's schedule that it can build, with every placement (labelled by the baseline's
+    name: the search then never returns a plan slower than that baseline's)."""
+    out = [Candidate(label, waves, exhaustive=k == 0) for k, (label, waves) in
+           enumerate(schedule_variants(ctx.graph, ctx.estimator, ctx.num_devices))]
     for name in BASELINES:
         try:
-            out.append((name, plan_waves(name, ctx.graph, ctx.estimator, ctx.num_devices)))
+            out.append(Candidate(name, plan_waves(name, ctx.graph, ctx.estimator,
+                                                  ctx.num_devices)))
         except PlanningError as err:
             log.info("search: no %s schedule: %s", name, err)
     return out

@@ -394,11 +394,13 @@ def place_candidates(
     index: ParameterIndex | None = None,
     wave_compute: Sequence[float] | None = None,
     links: Links | None = None,
+    only: str | None = None,
 ) -> list[PlacementCandidate]:
     """Every placement :func:`place` chooses from: the greedy placement under each weighting of
     :data:`VARIANTS`, and the sequential placement when it fits memory; each with its simulated
     send/recv and parameter-sync time on ``links`` (default: ``cluster``'s; with the waves'
-    compute times, the sync overlapped with backward as the simulator has it)."""
+    compute times, the sync overlapped with backward as the simulator has it).  ``only``: just
+    the candidate of that name."""
     model = memory_model or cluster.memory_model()
     capacity = float(cluster.memory_bytes if capacity_bytes is None else capacity_bytes)
     index = index or graph.parameter_index
@@ -412,6 +414,8 @@ def place_candidates(
     out: list[PlacementCandidate] = []
     errors: list[PlacementError] = []
     for name, weight in VARIANTS:
+        if only is not None and name != only:
+            continue
         try:
             placed = place_greedy(graph, waves, cluster, model, capacity, index, weight)
         except PlacementError as err:
@@ -419,9 +423,9 @@ def place_candidates(
             continue
         out.append(candidate(name, placed))
     naive = place_naive(waves, cluster.num_devices)
-    if math.isinf(capacity) or memory_report(
+    if only in (None, "sequential") and (math.isinf(capacity) or memory_report(
             placed_plan(graph, cluster, "sequential", naive), graph, model, capacity,
-            index).fits():
+            index).fits()):
         out.append(candidate("sequential", naive))
     if not out:
         raise errors[0]

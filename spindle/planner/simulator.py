@@ -209,6 +209,16 @@ class SimulationResult:
     optimizer_s: float = 0.0  # the slowest device's optimizer phase (clip + AdamW step)
     send_recv_latency_s: float = 0.0  # the part of send_recv_s that is per-exchange latency
     device_params: list[float] = field(default_factory=list)
+    sync_serial_s: float = 0.0  # param sync were none of it overlapped with backward
+
+    @property
+    def hidden_share(self) -> float:
+        """Share of the communication hidden under compute, as docs/method.md section 11 defines
+        it: (compute + communication - overlapped total) / communication, with communication =
+        send/recv + the whole sync, and the overlapped total what the iteration pays (0 when
+        there is no communication)."""
+        comm = self.send_recv_s + self.sync_serial_s
+        return (self.sync_serial_s - self.sync_s) / comm if comm > 0 else 0.0
 
     @property
     def makespan_s(self) -> float:
@@ -273,6 +283,7 @@ class Communication:
     bytes_inter: float
     latency_s: float = 0.0  # the per-exchange latency part of send_recv_s
     exchanges: int = 0  # forward + backward: boundary x peer-exchanges of the busiest device
+    sync_serial_s: float = 0.0  # the sync were none of it overlapped (the busiest device's)
 
     @property
     def time_s(self) -> float:
@@ -347,11 +358,12 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         t = links.allreduce_s(nparams * links.grad_bytes, group)
         for d in group:
             per_device_sync[d] += t
-    sync = max(per_device_sync.values(), default=0.0)
+    serial = sync = max(per_device_sync.values(), default=0.0)
     if wave_compute is not None and links.sync_overlap > 0:
         exposed = overlapped_sync_s(plan, graph, links, wave_compute, index, use)
         sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
-    return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges)
+    return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges,
+                         serial)
 
 
 def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
@@ -430,4 +442,5 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
         optimizer_s=max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0),
                         default=0.0),
         send_recv_latency_s=comm.latency_s, device_params=held,
+        sync_serial_s=comm.sync_serial_s,
     )

@@ -69,7 +69,8 @@ class RunConfig:
         " backward of its ready wave", choices=SYNC_STARTS))
     min_bucket_bytes: int = field(default=SYNC_MIN_BUCKET_BYTES, metadata=_opt(
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
-        f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready wave)", metavar="N"))
+        f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready point, layer or wave)",
+        metavar="N"))
     data_workers: int = field(default=0, metadata=_opt(
         "DataLoader worker processes per task and rank for a task's own dataset (0: load in the"
         " rank's process)", metavar="N"))
