@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 PLANNED = ("spindle", "sequential")
-# the Spindle plan run with its gradient buckets started after their ready wave's backward
-# ("wave") and after the whole backward ("after"), beside the default (inside the wave)
+# the Spindle plan run with its gradient buckets started inside the backward of their ready wave
+# ("layer"), after it ("wave") and after the whole backward ("after")
 SYNC_VARIANTS: dict[str, dict[str, Any]] = {
+    "spindle/sync-layer": {"sync_start": "layer"},
     "spindle/sync-wave": {"sync_start": "wave"},
     "spindle/sync-after": {"overlap_sync": False},
 }
@@ -229,16 +230,17 @@ def main() -> int:
                                  for c in cs)
         print(f"| {name} | {sp:.1f} | {sq:.1f} | {dd:.1f} | {sq / sp:.2f}x | {dd / sp:.2f}x |"
               f" {pred:.2f}x | {sq / dd:.3f} |")
-    print("\nGradient sync started inside a wave (default, `--sync-start layer`), after its"
-          " ready wave (`--sync-start wave`) and after the whole backward (`--no-overlap-sync`),"
-          " the Spindle plan in the same launch; communication hidden = (compute +"
-          " communication - overlapped total) / communication, with compute + communication ="
-          " the no-overlap iteration and communication = its send/recv + param-sync phases:\n")
+    print("\nGradient sync started inside a wave (`--sync-start layer`, CUDA's default), after"
+          " its ready wave (`--sync-start wave`, CPU's default) and after the whole backward"
+          " (`--no-overlap-sync`), the Spindle plan in the same launch; communication hidden ="
+          " (compute + communication - overlapped total) / communication, with compute +"
+          " communication = the no-overlap iteration and communication = its send/recv +"
+          " param-sync phases:\n")
     print("| workload | layer ms | wave ms | after ms | layer vs wave | hidden (layer) |"
           " hidden (wave) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, cs in cycles.items():
-        lay, wav, aft = (pooled(cs, k) for k in ("spindle", "spindle/sync-wave",
+        lay, wav, aft = (pooled(cs, k) for k in ("spindle/sync-layer", "spindle/sync-wave",
                                                  "spindle/sync-after"))
         ph = cs[-1].measured["phases_s"]["spindle/sync-after"]
         comm = 1e3 * (ph["send_recv"] + ph["param_sync"])

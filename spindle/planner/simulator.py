@@ -181,6 +181,7 @@ def links_for_cluster(
     updates: dict[str, object] = dict(
         intra_node_bw=c.bandwidth, inter_node_bw=c.bandwidth, latency_s=c.latency_s,
         inter_node_latency_s=c.latency_s, grad_bytes=profile.grad_bytes,
+        sync_start="wave",  # the runtime's default on CPU (RunConfig.sync_start "auto")
     )
     if profile.p2p is not None:
         updates.update(p2p_latency_s=profile.p2p.latency_s, p2p_bw=profile.p2p.bandwidth,

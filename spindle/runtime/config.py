@@ -25,7 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
-SYNC_STARTS = ("layer", "wave")
+SYNC_STARTS = ("auto", "layer", "wave")
 
 
 class ConfigError(ValueError):
@@ -63,10 +63,12 @@ class RunConfig:
     overlap_sync: bool = field(default=True, metadata=_opt(
         "all-reduce the gradients after the whole backward instead of each bucket as soon as"
         " the backward waves have made it final", flag="--no-overlap-sync"))
-    sync_start: str = field(default="layer", metadata=_opt(
+    sync_start: str = field(default="auto", metadata=_opt(
         "when a gradient bucket's all-reduce starts: layer: as soon as the backward has made"
         " its gradients final, inside a wave (post-accumulate-grad hooks); wave: after the"
-        " backward of its ready wave", choices=SYNC_STARTS))
+        " backward of its ready wave; auto: layer on CUDA, wave on CPU (where gloo's"
+        " all-reduce shares the cores with the backward: measured no faster, BENCHMARKS.md)",
+        choices=SYNC_STARTS))
     min_bucket_bytes: int = field(default=SYNC_MIN_BUCKET_BYTES, metadata=_opt(
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
         f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready point, layer or wave)",
@@ -88,6 +90,12 @@ class RunConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def sync_start_on(self, device: torch.device) -> str:
+        """``sync_start`` with ``auto`` resolved for ``device``."""
+        if self.sync_start != "auto":
+            return self.sync_start
+        return "layer" if device.type == "cuda" else "wave"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""

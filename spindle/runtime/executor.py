@@ -266,7 +266,8 @@ class TrainingRun:
         self.groups = ParameterGroups(
             plan, self.local.index, self.local.members, rank, world_size, device, dtype,
             overlap=config.overlap_sync, min_bucket_bytes=config.min_bucket_bytes,
-            timeout_s=config.timeout, trainable=provider.trainable, sync_start=config.sync_start,
+            timeout_s=config.timeout, trainable=provider.trainable,
+            sync_start=config.sync_start_on(device),
         )
         self.groups.attach(self.local.params)
         schedule = TransmissionSchedule.build(plan)

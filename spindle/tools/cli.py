@@ -125,6 +125,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             "peak_memory_gb": res.peak_memory_gb,
             "memory_imbalance": res.memory_imbalance,
             "memory_fits": res.memory_fits,
+            "communication_hidden": sim.hidden_share,
+            "choice": res.plan.choice,
             "baselines": {
                 name: ({"error": b} if isinstance(b, str) else
                        {"schedule_s": b.simulation.schedule_s,
@@ -152,6 +154,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
           f" schedule {plan.schedule_s * 1e3:.2f} ms")
     for k, v in sorted(plan.estimates.items()):
         print(f"  {k:<20} {v:.6g}")
+    for k, c in sorted(plan.choice.items()):
+        print(f"  chosen {k:<13} {c}")
     names = {m.id: m.name for m in plan.metaops}
     for i, w in enumerate(plan.waves):
         parts = ", ".join(f"{names[s.metaop]}[{s.layer_start}:{s.layer_end}]@{list(s.devices)}"

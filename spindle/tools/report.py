@@ -34,6 +34,15 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
         f" (imbalance max/mean {res.memory_imbalance:.2f})",
         f"  planning time      {res.planning_time_s * 1e3:9.1f} ms",
     ]
+    if p.choice:
+        lines.append(f"  chosen             {p.choice.get('schedule', '?')} schedule,"
+                     f" {p.choice.get('placement', '?')} placement"
+                     f" ({p.choice.get('searched', '')})")
+    comm = sim.send_recv_s + sim.sync_serial_s
+    if comm > 0:
+        lines.append(f"  communication      {100 * sim.hidden_share:9.0f}% hidden under compute"
+                     f" (send/recv + sync {comm * 1e3:.2f} ms, exposed"
+                     f" {(sim.send_recv_s + sim.sync_s) * 1e3:.2f} ms)")
     if baselines:
         lines.append("  baselines (simulated iteration, speedup of this plan):")
         for name, b in baselines.items():

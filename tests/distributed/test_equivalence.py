@@ -68,9 +68,10 @@ def test_every_plan_trains_like_one_process_float64(
 ) -> None:
     w = load_workload(workload)
     plans = all_plans(w, nproc)
-    # the most demanding sync schedule: one bucket per ready wave, each all-reduced under the
-    # remaining backward waves
-    out = _train_plans(tmp_path, workload, nproc, plans, "float64", ("--min-bucket-bytes", "0"))
+    # the most demanding sync schedule: one bucket per ready point, each all-reduced from inside
+    # the backward as soon as its layer has run (the default on CUDA; CPU's is "wave")
+    out = _train_plans(tmp_path, workload, nproc, plans, "float64",
+                       ("--min-bucket-bytes", "0", "--sync-start", "layer"))
     want = reference(workload, "float64")
     for label in plans:
         got = torch.load(out / label / "params.pt")
@@ -82,7 +83,7 @@ def test_every_plan_trains_like_one_process_float64(
 def test_other_sync_starts_train_like_one_process(tmp_path: Path, sync: tuple[str, ...]) -> None:
     """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) and
     ``--sync-start wave`` (a bucket after its ready wave's backward, not inside it) are the same
-    update as the default layer-granular sync (which the test above runs)."""
+    update as the layer-granular sync (which the test above runs)."""
     workload = "tiny-ofasys"
     plans = {k: v for k, v in all_plans(load_workload(workload), 2).items()
              if k in ("spindle", "mixed")}
