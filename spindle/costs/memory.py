@@ -40,9 +40,10 @@ Per device, two parts:
   (the cost model counts 10 s*h per encoder block where the runtime keeps about 8, and 3 s*ffn
   per SwiGLU block where it keeps 4); device totals -3% to +16%.
 
-With ``recompute`` (activation checkpointing per layer, an option, off by default; neither the
-runtime nor the estimator's compute time does it) a layer keeps only its input and the backward
-recomputes one layer at a time (transient: its activations and their gradients).
+With ``recompute`` (activation checkpointing per layer, an option, off by default; the runtime
+runs it with ``--recompute``, but the estimator's compute time does not yet charge the second
+forward) a layer keeps only its input and the backward recomputes one layer at a time
+(transient: its activations and their gradients).
 
 Not modelled: allocator fragmentation and caching, communication buffers, the framework's own
 footprint (CUDA context ~0.5-1 GB per GPU), the optimizer step's temporaries.  A contrastive-loss
@@ -93,7 +94,7 @@ class MemoryModel:
     activation_bytes: int
     shard_optimizer: bool = False  # ZeRO-1: optimizer states split over the device group
     flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
-    recompute: bool = False  # activation checkpointing per layer (an option; not in the runtime)
+    recompute: bool = False  # activation checkpointing per layer (the runtime's --recompute)
 
     @property
     def state_bytes_per_param(self) -> int:

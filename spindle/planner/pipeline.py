@@ -153,7 +153,8 @@ def make_context(
     YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
     ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
     ``recompute`` (activation checkpointing) change only the memory model (see
-    :mod:`spindle.costs.memory`; the runtime does neither).  ``sync_aware`` False plans Spindle
+    :mod:`spindle.costs.memory`; the runtime recomputes with ``--recompute``, it does not
+    shard).  ``sync_aware`` False plans Spindle
     by the wave schedule alone (no search over candidates, :mod:`spindle.planner.search`)."""
     if num_devices is not None and not 1 <= num_devices <= MAX_DEVICES:
         raise PlanningError(f"--devices {num_devices}: the device count must be 1 to"

@@ -73,6 +73,9 @@ class RunConfig:
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
         f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready point, layer or wave)",
         metavar="N"))
+    recompute: bool = field(default=False, metadata=_opt(
+        "recompute every operator's activations in backward (torch.utils.checkpoint per layer;"
+        " the memory model's --recompute): less memory, one more forward"))
     data_workers: int = field(default=0, metadata=_opt(
         "DataLoader worker processes per task and rank for a task's own dataset (0: load in the"
         " rank's process)", metavar="N"))

@@ -99,6 +99,7 @@ class WaveExecutor:
         # task -> data position minus step (non-zero after a resume: a task's data continues
         # where it stopped, a task new to the run starts at position 0)
         self.data_offsets: dict[str, int] = {}
+        self.recompute = False  # activations recomputed in backward (RunConfig.recompute)
         # called with every wave index before its backward, and after its backward and
         # gradient send (the sync overlap)
         self.before_backward: Callable[[int], None] | None = None
@@ -201,7 +202,7 @@ class WaveExecutor:
         refs = metaop.layers[s.layer_start:s.layer_end]
         batch = self._batch.get((metaop.task, rows), {})
         return run_chain(self.provider, self.local.modules, refs, inputs, carry, batch,
-                         metaop.batch)
+                         metaop.batch, self.recompute)
 
     def _backward_slice(
         self, rec: _SliceRecord, output_grads: dict[ValueKey, list[torch.Tensor | None]]
@@ -275,6 +276,7 @@ class TrainingRun:
         self.timer = PhaseTimer(device)
         self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
                                      config.seed, dtype, device, config.data_workers)
+        self.executor.recompute = config.recompute
         if config.overlap_sync:
             self.executor.before_backward = self.groups.begin_backward
             self.executor.after_backward = self._launch_ready

@@ -65,7 +65,8 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory model: shard optimizer states over each parameter group"
                         " (ZeRO-1; planning only, the runtime does not implement it yet)")
     p.add_argument("--recompute", action="store_true",
-                   help="memory model: activation recomputation (planning only, see --zero)")
+                   help="memory model: activations recomputed in backward (spindle train"
+                        " --recompute runs it)")
 
 
 def _context(args: argparse.Namespace) -> PlanningContext:

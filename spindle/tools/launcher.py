@@ -85,8 +85,10 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         check_plan(plan, workload, args.nproc, str(args.plan))
     else:
         hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
+        # the memory check of the plan sees the activations --recompute keeps
         plan = make_plan(workload, args.planner, args.nproc,
-                         args.devices_per_node or args.nproc, hardware, args.profile)
+                         args.devices_per_node or args.nproc, hardware, args.profile,
+                         recompute=args.recompute)
     check_model(plan, workload)
     return plan
 

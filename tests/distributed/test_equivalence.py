@@ -78,12 +78,14 @@ def test_every_plan_trains_like_one_process_float64(
         assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/{nproc}/{label}")
 
 
-@pytest.mark.parametrize("sync", [("--no-overlap-sync",), ("--sync-start", "wave")],
-                         ids=["after-backward", "wave-granular"])
+@pytest.mark.parametrize("sync", [("--no-overlap-sync",), ("--sync-start", "wave"),
+                                  ("--recompute",)],
+                         ids=["after-backward", "wave-granular", "recompute"])
 def test_other_sync_starts_train_like_one_process(tmp_path: Path, sync: tuple[str, ...]) -> None:
-    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward) and
-    ``--sync-start wave`` (a bucket after its ready wave's backward, not inside it) are the same
-    update as the layer-granular sync (which the test above runs)."""
+    """``--no-overlap-sync`` (every bucket all-reduced after the whole backward),
+    ``--sync-start wave`` (a bucket after its ready wave's backward, not inside it) and
+    ``--recompute`` (activations recomputed in backward) are the same update as the
+    layer-granular sync without recomputation (which the test above runs)."""
     workload = "tiny-ofasys"
     plans = {k: v for k, v in all_plans(load_workload(workload), 2).items()
              if k in ("spindle", "mixed")}

@@ -108,6 +108,10 @@ def test_a_dead_node_stops_the_other_within_the_timeout(tmp_path: Path) -> None:
     assert elapsed < 15 + 45, f"took {elapsed:.0f} s after the node died"
     lost = ("lost contact with another rank", STOPPED)
     for log in sorted(logs.glob("*/attempt_0/*/stderr.log")):  # this node's 2 ranks
-        rows = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        # gloo's own C++ logger may add its reconnect attempts to the dead peer (seen on a
+        # loaded machine: "[.../gloo/transport/tcp/...] ... failed to connect"); Spindle's
+        # reason is the one line of its own
+        rows = [ln for ln in log.read_text().splitlines()
+                if ln.strip() and "gloo/transport/tcp" not in ln]
         assert len(rows) == 1 and rows[0].startswith("spindle.train: rank "), (log, rows)
         assert any(w in rows[0] for w in lost), rows[0]

@@ -100,14 +100,18 @@ def spindle_train(tmp_path: Path, workload: str, nproc: int, args: list[str]) ->
 def initial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
     """``spindle train --steps 0 --save``: the initial parameters of both models."""
     got = {}
-    for path in (PLAIN, FROZEN, HF):
+    running = []
+    for path in (PLAIN, FROZEN, HF):  # the three launches side by side (each mostly start-up)
         out = tmp_path_factory.mktemp("init") / "out"
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "spindle", "train", path, "--nproc", "1", "--steps", "0",
              "--seed", str(SEED), "--dtype", "float64", "--save", str(out), "--no-progress"],
-            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-            timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        running.append((path, out, proc))
+    for path, out, proc in running:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
         got[path] = torch.load(out / "params.pt")
     return got
 
