@@ -148,6 +148,7 @@ def make_context(
     shard_optimizer: bool = False,
     recompute: bool = False,
     sync_aware: bool = True,
+    reduce_bytes: int | None = None,
 ) -> PlanningContext:
     """The fixed inputs of planning.  The cluster is ``cluster`` (a :class:`Cluster`, a cluster
     YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
@@ -155,7 +156,9 @@ def make_context(
     ``recompute`` (activation checkpointing) change only the memory model (see
     :mod:`spindle.costs.memory`; the runtime recomputes with ``--recompute``, it does not
     shard).  ``sync_aware`` False plans Spindle
-    by the wave schedule alone (no search over candidates, :mod:`spindle.planner.search`)."""
+    by the wave schedule alone (no search over candidates, :mod:`spindle.planner.search`).
+    ``reduce_bytes``: bytes per gradient element in the all-reduce (2: the runtime's
+    ``--reduce-dtype bf16``; default: the hardware's ``grad_bytes``)."""
     if num_devices is not None and not 1 <= num_devices <= MAX_DEVICES:
         raise PlanningError(f"--devices {num_devices}: the device count must be 1 to"
                             f" {MAX_DEVICES}")
@@ -174,8 +177,11 @@ def make_context(
     if profile:
         measured = load_profile(profile)
     est = make_estimator(cl.hardware, measured, cl.devices_per_node, w.fingerprint())
+    links = links_for_cluster(cl, profile=measured)
+    if reduce_bytes is not None:
+        links = replace(links, grad_bytes=reduce_bytes)
     return PlanningContext(
-        w, graph, est, cl, links_for_cluster(cl, profile=measured),
+        w, graph, est, cl, links,
         replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
         check_memory, graph.parameter_index, sync_aware,
     )

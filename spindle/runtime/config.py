@@ -26,6 +26,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEVICES = ("auto", "cpu", "cuda")
 SYNC_STARTS = ("auto", "layer", "wave")
+PRECISIONS = ("fp32", "bf16-mixed", "fp64")
+REDUCE_DTYPES = ("param", "bf16")
 
 
 class ConfigError(ValueError):
@@ -50,7 +52,15 @@ class RunConfig:
     clip: float = field(default=1.0, metadata=_opt(
         "clip the gradients to this global 2-norm (every parameter counted once)"))
     dtype: str = field(default="float32", metadata=_opt(
-        "parameter and compute dtype", choices=sorted(DTYPES)))
+        "parameter and compute dtype (the whole model in it; see --precision)",
+        choices=sorted(DTYPES)))
+    precision: str | None = field(default=None, metadata=_opt(
+        "fp32 | fp64 (= --dtype float32 | float64), or bf16-mixed: float32 master weights and"
+        " AdamW state, forward and backward under bfloat16 autocast, gradients reduced in"
+        " float32 (see --reduce-dtype); default: as --dtype", choices=PRECISIONS))
+    reduce_dtype: str = field(default="param", metadata=_opt(
+        "dtype of the gradient all-reduce: param (the parameters' dtype) or bf16 (half the"
+        " bytes; the sums are rounded to bfloat16)", choices=REDUCE_DTYPES))
     device: str = field(default="auto", metadata=_opt(
         "auto: CUDA (NCCL) when available, else CPU (gloo)", choices=DEVICES))
     save: str | None = field(default=None, metadata=_opt(
@@ -92,7 +102,22 @@ class RunConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The parameters' dtype (bf16-mixed: float32, the master weights)."""
+        if self.precision == "fp64":
+            return torch.float64
+        if self.precision in ("fp32", "bf16-mixed"):
+            return torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The compute dtype of forward and backward under autocast (None: no autocast)."""
+        return torch.bfloat16 if self.precision == "bf16-mixed" else None
+
+    @property
+    def torch_reduce_dtype(self) -> torch.dtype | None:
+        """The gradient all-reduce's dtype (None: the parameters')."""
+        return torch.bfloat16 if self.reduce_dtype == "bf16" else None
 
     def sync_start_on(self, device: torch.device) -> str:
         """``sync_start`` with ``auto`` resolved for ``device``."""
@@ -119,6 +144,13 @@ class RunConfig:
             raise ConfigError("--resume: needs --checkpoint-dir DIR (where to resume from)")
         if self.min_bucket_bytes < 0:
             raise ConfigError(f"--min-bucket-bytes {self.min_bucket_bytes}: must be at least 0")
+        implied = {"fp32": "float32", "fp64": "float64", "bf16-mixed": "float32"}
+        if self.precision is not None and self.dtype != "float32" and (
+                implied[self.precision] != self.dtype):
+            what = ("keeps float32 master weights" if self.precision == "bf16-mixed"
+                    else f"means --dtype {implied[self.precision]}")
+            raise ConfigError(f"--precision {self.precision} with --dtype {self.dtype}: the"
+                              f" precision {what}; give one of the two")
 
     # --- the command line ----------------------------------------------------------------------
     @staticmethod
@@ -132,7 +164,7 @@ class RunConfig:
                 action = "store_false" if f.default else "store_true"
                 parser.add_argument(flag, dest=f.name, action=action, help=meta["help"])
                 continue
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float}.get(str(f.type), str)  # str | None: str
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
                                 help=_with_default(meta["help"], f.default), **meta["argparse"])
 
@@ -150,6 +182,24 @@ class RunConfig:
             flag = f.metadata["flag"] or _flag(f.name)
             out += [flag] if f.type == "bool" else [flag, str(value)]
         return out
+
+
+def check_autocast(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse (one :class:`ConfigError` line) mixed precision in ``dtype`` on a device that
+    cannot compute in it."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported() if dtype == torch.bfloat16 else True
+    else:
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype \
+                    == dtype
+        except (RuntimeError, TypeError):
+            ok = False
+    if not ok:
+        raise ConfigError(f"--precision bf16-mixed: this {device.type.upper()} device cannot"
+                          f" compute in {str(dtype).removeprefix('torch.')} (autocast); use"
+                          " --precision fp32")
 
 
 def _flag(name: str) -> str:

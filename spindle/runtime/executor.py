@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from spindle.layers.chain import run_chain
 from spindle.layers.provider import Activation
 from spindle.plan.contract import Plan, Slice
 from spindle.plan.layout import RowRange, SliceRef, ValueKey
-from spindle.runtime.config import RunConfig
+from spindle.runtime.config import RunConfig, check_autocast
 from spindle.runtime.data import TaskData, task_data
 from spindle.runtime.localise import (
     LocalModel,
@@ -100,6 +101,7 @@ class WaveExecutor:
         # where it stopped, a task new to the run starts at position 0)
         self.data_offsets: dict[str, int] = {}
         self.recompute = False  # activations recomputed in backward (RunConfig.recompute)
+        self.autocast: torch.dtype | None = None  # forward under autocast (bf16-mixed)
         # called with every wave index before its backward, and after its backward and
         # gradient send (the sync overlap)
         self.before_backward: Callable[[int], None] | None = None
@@ -149,10 +151,17 @@ class WaveExecutor:
             if mine is None:
                 continue
             ref, s = mine
-            with self.timer.phase("compute"):
+            with self.timer.phase("compute"), torch.autocast(
+                    self.device.type, dtype=self.autocast or torch.bfloat16,
+                    enabled=self.autocast is not None):
                 leaves = {eid: _as_leaves(act, self.schedule.edges[eid].grad)
                           for eid, act in arrived.items()}
                 out = self._run_slice(ref, s, leaves)
+                if self.autocast is not None and not isinstance(out, torch.Tensor):
+                    # a slice hands its consumers its output in the compute dtype (autocast
+                    # leaves the residual stream in float32): half the bytes between waves
+                    out = tuple(t.to(self.autocast) if t.is_floating_point() else t
+                                for t in out)
                 value = (s.metaop, s.layer_end - 1)
                 records[w] = _SliceRecord(ref, value, leaves, out)
                 if isinstance(out, torch.Tensor):
@@ -268,7 +277,7 @@ class TrainingRun:
             plan, self.local.index, self.local.members, rank, world_size, device, dtype,
             overlap=config.overlap_sync, min_bucket_bytes=config.min_bucket_bytes,
             timeout_s=config.timeout, trainable=provider.trainable,
-            sync_start=config.sync_start_on(device),
+            sync_start=config.sync_start_on(device), reduce_dtype=config.torch_reduce_dtype,
         )
         self.groups.attach(self.local.params)
         schedule = TransmissionSchedule.build(plan)
@@ -277,6 +286,12 @@ class TrainingRun:
         self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
                                      config.seed, dtype, device, config.data_workers)
         self.executor.recompute = config.recompute
+        if config.autocast_dtype is not None:
+            check_autocast(device, config.autocast_dtype)
+            self.executor.autocast = config.autocast_dtype
+            # torch's RMSNorm with a bfloat16 input and its float32 weight falls back from its
+            # fused kernel and says so on every call; the result is right
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         if config.overlap_sync:
             self.executor.before_backward = self.groups.begin_backward
             self.executor.after_backward = self._launch_ready

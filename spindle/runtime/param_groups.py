@@ -68,9 +68,12 @@ class BucketSum:
     """One bucket's asynchronous all-reduce (SUM): the gradients flattened into one buffer, the
     collective started; :meth:`wait` copies the sums back into the gradients."""
 
-    def __init__(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    def __init__(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None,
+                 dtype: torch.dtype | None = None) -> None:
         self.grads = grads
         self.flat = torch.cat([g.reshape(-1) for g in grads])
+        if dtype is not None:
+            self.flat = self.flat.to(dtype)  # reduced in ``dtype``, copied back into the grads
         self.nbytes = self.flat.numel() * self.flat.element_size()
         self.work = dist.all_reduce(self.flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
@@ -107,9 +110,11 @@ class ParameterGroups:
         timeout_s: float | None = None,
         trainable: Callable[[str], bool] | None = None,
         sync_start: str = "layer",
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+        self.reduce_dtype = reduce_dtype  # the all-reduce's dtype (None: the gradients')
         self.rank = rank
         self.world_size = world_size
         holds, ready = parameter_use(plan, index)
@@ -135,7 +140,8 @@ class ParameterGroups:
             self._groups[ranks] = dist.new_group(
                 list(ranks), timeout=timedelta(seconds=timeout_s) if timeout_s else None,
             ) if world_size > 1 else None
-        element_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1
+        reduced = reduce_dtype or dtype
+        element_bytes = torch.finfo(reduced).bits // 8 if reduced.is_floating_point else 1
         # frozen parameters have no gradient to sync (the same rule on every rank)
         self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = []
         for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes,
@@ -206,7 +212,8 @@ class ParameterGroups:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            self._pending.append(BucketSum(grads, self._groups[bucket.group]))
+            self._pending.append(BucketSum(grads, self._groups[bucket.group],
+                                           self.reduce_dtype))
             self._next += 1
 
     def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:

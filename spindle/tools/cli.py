@@ -67,6 +67,9 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", action="store_true",
                    help="memory model: activations recomputed in backward (spindle train"
                         " --recompute runs it)")
+    p.add_argument("--reduce-dtype", default="param", choices=["param", "bf16"],
+                   help="gradient all-reduce in the hardware's gradient dtype, or bf16 (half"
+                        " the bytes; spindle train --reduce-dtype bf16)")
 
 
 def _context(args: argparse.Namespace) -> PlanningContext:
@@ -75,6 +78,7 @@ def _context(args: argparse.Namespace) -> PlanningContext:
         cluster=args.cluster, nodes=args.nodes, device_memory_gib=args.device_memory_gib,
         placement=args.placement, check_memory=not args.no_memory_check,
         shard_optimizer=args.zero, recompute=args.recompute,
+        reduce_bytes=2 if args.reduce_dtype == "bf16" else None,
     )
 
 

@@ -88,7 +88,8 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         # the memory check of the plan sees the activations --recompute keeps
         plan = make_plan(workload, args.planner, args.nproc,
                          args.devices_per_node or args.nproc, hardware, args.profile,
-                         recompute=args.recompute)
+                         recompute=args.recompute,
+                         reduce_bytes=2 if args.reduce_dtype == "bf16" else None)
     check_model(plan, workload)
     return plan
 

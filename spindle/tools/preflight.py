@@ -20,6 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from spindle.costs.graph import contract
 from spindle.declare.workload import LayerRef, Workload
 from spindle.layers import provider_for
@@ -30,7 +32,7 @@ from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, PlanError
 from spindle.plan.layout import iter_slices
 from spindle.runtime.checkpoint_files import find_latest, match_model
-from spindle.runtime.config import ConfigError, RunConfig
+from spindle.runtime.config import ConfigError, RunConfig, check_autocast
 
 
 def check_plan(plan: Plan, workload: Workload, world_size: int, source: str) -> None:
@@ -69,6 +71,9 @@ def check_model(plan: Plan, workload: Workload, rows: bool = True) -> None:
 def check_run(config: RunConfig) -> None:
     """The run options, then every output the run will write."""
     config.check()
+    if config.autocast_dtype is not None:
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        check_autocast(torch.device("cuda" if cuda else "cpu"), config.autocast_dtype)
     if config.save is not None:
         _check_folder(Path(config.save), "--save")
     if config.checkpoint_dir is not None and not config.resume:
