@@ -95,6 +95,11 @@ class MemoryModel:
     shard_optimizer: bool = False  # ZeRO-1: optimizer states split over the device group
     flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
     recompute: bool = False  # activation checkpointing per layer (the runtime's --recompute)
+    recompute_metaops: frozenset[int] = frozenset()  # ... for these MetaOps only (a plan's)
+
+    def recomputes(self, metaop: MetaOp) -> bool:
+        """Whether ``metaop``'s slices keep only each layer's input (a loss never does)."""
+        return not metaop.is_loss and (self.recompute or metaop.id in self.recompute_metaops)
 
     @property
     def state_bytes_per_param(self) -> int:
@@ -153,7 +158,7 @@ def slice_activation(
     rows = local_rows(metaop, n)
     ab = model.activation_bytes
     per_layer = saved_elements_per_layer(metaop, model) * rows * ab
-    if model.recompute and not metaop.is_loss:
+    if model.recomputes(metaop):
         # only each layer's input stays; backward recomputes one layer's activations at a time
         saved = metaop.cost.act_elements_per_sample * rows * ab * (layer_end - layer_start)
         transient = 2 * per_layer
@@ -323,7 +328,10 @@ def memory_report(
     plan: Plan, graph: MetaGraph, model: MemoryModel, capacity_bytes: float | None = None,
     index: ParameterIndex | None = None,
 ) -> MemoryReport:
-    """The peak memory of every device of ``plan`` under ``model``."""
+    """The peak memory of every device of ``plan`` under ``model`` (and the plan's own memory
+    strategy: its recomputed MetaOps)."""
+    if plan.recompute:
+        model = replace(model, recompute_metaops=model.recompute_metaops | set(plan.recompute))
     ledger = MemoryLedger(graph, model, plan.num_devices, index)
     for wave in plan.waves:
         for s in wave.slices:

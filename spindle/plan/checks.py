@@ -78,6 +78,9 @@ def validate_plan(
         for d in m.deps:
             if not 0 <= d < m.id:
                 raise PlanError(f"{where}: MetaOp {m.id} depends on {d}, not an earlier MetaOp")
+    for r in plan.recompute:
+        if not 0 <= r < len(plan.metaops):
+            raise PlanError(f"{where}: recompute names MetaOp {r}, which the plan does not have")
     # when each layer (metaop, layer) is computed: wave index
     done: dict[tuple[int, int], int] = {}
     for wi, wave in enumerate(plan.waves):

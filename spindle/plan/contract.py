@@ -151,6 +151,8 @@ class Plan:
     # what the planner chose among its candidates (e.g. schedule, placement), for people to read;
     # the runtime executes the waves and never reads it
     choice: dict[str, str] = field(default_factory=dict)
+    # the memory strategy: MetaOps whose activations the runtime recomputes in backward
+    recompute: tuple[int, ...] = ()
 
     @property
     def schedule_s(self) -> float:
@@ -207,6 +209,7 @@ class Plan:
                 hardware=str(d.get("hardware", "")), metaops=metaops, waves=waves,
                 estimates={str(k): float(v) for k, v in dict(d.get("estimates", {})).items()},
                 choice={str(k): str(v) for k, v in dict(d.get("choice", {})).items()},
+                recompute=tuple(int(x) for x in d.get("recompute", ())),
             )
         except PlanError:
             raise

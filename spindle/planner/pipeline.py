@@ -34,11 +34,11 @@ from spindle.costs.profile import load_profile
 from spindle.costs.scalability import make_estimator
 from spindle.declare.workload import Workload, load_workload
 from spindle.plan.checks import validate_plan
-from spindle.plan.contract import MetaOp, Plan
+from spindle.plan.contract import MetaOp, Plan, Wave
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
 from spindle.planner.baselines import place_naive
-from spindle.planner.placement import place
+from spindle.planner.placement import PlacementError, place, placed_plan
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
 from spindle.planner.scheduler import schedule_variants
 from spindle.planner.search import Candidate, memory_error, search
@@ -189,34 +189,71 @@ def make_context(
 
 def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, float]:
     """Run ``planner`` and place its waves; returns the validated plan and the planning time
-    (planner + placement, and for Spindle the sync-aware search over its candidates)."""
+    (planner + placement, and for Spindle the sync-aware search over its candidates).
+
+    The memory strategy is part of the plan: without ``--recompute`` a plan that does not fit
+    its devices' memory is planned again with every MetaOp but the losses recomputing its
+    activations (the same for every planner, baselines included); the plan lists them
+    (:attr:`Plan.recompute`), the simulator charges their second forward and the runtime
+    recomputes them.  A plan that fits without is never recomputed."""
     t0 = time.perf_counter()
-    choice: dict[str, str] = {}
-    capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
-    index = ctx.parameter_index or ctx.graph.parameter_index
-    if planner == "spindle" and ctx.sync_aware:
-        found = search(spindle_candidates(ctx), ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
-                       ctx.memory_model, capacity, index, naive_placement=ctx.placement == "naive")
-        placed = found.waves
-        choice = {"schedule": found.schedule, "placement": found.placement,
-                  "searched": f"{found.placed} of {found.considered} candidate schedules placed"}
+    everything = tuple(m.id for m in ctx.graph.metaops if not m.is_loss)
+    strategies: list[tuple[int, ...]] = [everything] if ctx.memory_model.recompute else [()]
+    if ctx.check_memory and not ctx.memory_model.recompute:
+        strategies.append(everything)
+    last: PlacementError | None = None
+    for recompute in strategies:
+        try:
+            placed, choice = _placed(ctx, planner, recompute)
+            break
+        except PlacementError as err:
+            last = err
+            log.info("%s: %s", planner, err)
     else:
-        waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
-        if ctx.placement == "naive":
-            placed = place_naive(waves, ctx.num_devices)
-        else:
-            placed = place(ctx.graph, waves, ctx.cluster, ctx.memory_model, capacity, index,
-                           wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links),
-                           ctx.links)
+        assert last is not None
+        if recompute and not ctx.memory_model.recompute:
+            raise PlacementError(f"{last} (even with every activation recomputed)") from None
+        raise last
+    if recompute and not ctx.memory_model.recompute:
+        choice["memory"] = "recompute (does not fit without)"
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,
         workload_fingerprint=ctx.workload.fingerprint(), num_devices=ctx.num_devices,
         devices_per_node=ctx.devices_per_node, hardware=ctx.hardware.name,
         metaops=tuple(ctx.graph.metaops), waves=tuple(placed), choice=choice,
+        recompute=recompute,
     )
     validate_plan(plan, ctx.graph.metaops, source=f"{planner} plan")
     return plan, elapsed
+
+
+def _placed(ctx: PlanningContext, planner: str, recompute: tuple[int, ...]
+            ) -> tuple[list[Wave], dict[str, str]]:
+    """``planner``'s placed waves with the MetaOps ``recompute`` recomputing (and what the
+    search chose); raises :class:`PlacementError` when they do not fit memory."""
+    capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
+    index = ctx.parameter_index or ctx.graph.parameter_index
+    model = replace(ctx.memory_model, recompute_metaops=frozenset(recompute))
+    if planner == "spindle" and ctx.sync_aware:
+        found = search(spindle_candidates(ctx), ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
+                       model, capacity, index, naive_placement=ctx.placement == "naive",
+                       recompute=recompute)
+        return found.waves, {
+            "schedule": found.schedule, "placement": found.placement,
+            "searched": f"{found.placed} of {found.considered} candidate schedules placed"}
+    waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
+    if ctx.placement != "naive":
+        return place(ctx.graph, waves, ctx.cluster, model, capacity, index,
+                     wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links, recompute),
+                     ctx.links), {}
+    placed = place_naive(waves, ctx.num_devices)
+    if ctx.check_memory:
+        report = memory_report(placed_plan(ctx.graph, ctx.cluster, planner, placed), ctx.graph,
+                               model, capacity, index)
+        if not report.fits():
+            raise memory_error(ctx.graph, report, f"{planner} plan with naive placement")
+    return placed, {}
 
 
 def spindle_candidates(ctx: PlanningContext) -> list[Candidate]:

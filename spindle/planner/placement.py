@@ -413,9 +413,7 @@ def place_candidates(
 
     out: list[PlacementCandidate] = []
     errors: list[PlacementError] = []
-    for name, weight in VARIANTS:
-        if only is not None and name != only:
-            continue
+    for name, weight in [v for v in VARIANTS if only in (None, v[0])]:
         try:
             placed = place_greedy(graph, waves, cluster, model, capacity, index, weight)
         except PlacementError as err:
@@ -432,11 +430,13 @@ def place_candidates(
     return out
 
 
-def placed_plan(graph: MetaGraph, cluster: Cluster, name: str, waves: Sequence[Wave]) -> Plan:
-    """The plan of ``graph`` on ``cluster`` with the placed ``waves`` (placement ``name``)."""
+def placed_plan(graph: MetaGraph, cluster: Cluster, name: str, waves: Sequence[Wave],
+                recompute: Sequence[int] = ()) -> Plan:
+    """The plan of ``graph`` on ``cluster``: placed ``waves`` (placement ``name``), recomputing
+    the MetaOps ``recompute``."""
     return Plan(name, graph.workload.name, graph.workload.fingerprint(), cluster.num_devices,
                 cluster.devices_per_node, cluster.hardware.name, tuple(graph.metaops),
-                tuple(waves))
+                tuple(waves), recompute=tuple(recompute))
 
 
 def best_candidate(candidates: list[PlacementCandidate]) -> PlacementCandidate:

@@ -87,10 +87,12 @@ def search(
     capacity_bytes: float,
     index: ParameterIndex,
     naive_placement: bool = False,
+    recompute: tuple[int, ...] = (),
 ) -> SearchResult:
     """The candidate of ``schedules`` (label, unplaced waves) whose placed plan simulates
     fastest (module docstring).  ``naive_placement`` places every candidate with the
-    sequential placement instead of Spindle's.  Raises the first candidate's
+    sequential placement instead of Spindle's; ``recompute``: the MetaOps every candidate
+    recomputes (their extra forward is simulated).  Raises the first candidate's
     :class:`PlacementError` when none fits ``capacity_bytes``."""
     best: SearchResult | None = None
     first_error: PlacementError | None = None
@@ -103,7 +105,7 @@ def search(
             continue  # the same waves as an earlier candidate (baselines often coincide)
         seen.add(tuple(waves))
         check_waves(waves, graph, estimator, cluster.num_devices, source=f"schedule '{label}'")
-        compute = wave_compute_times(waves, graph, estimator, links)
+        compute = wave_compute_times(waves, graph, estimator, links, recompute)
         if best is not None and sum(compute) >= best.simulation.makespan_s:
             continue  # compute alone is a lower bound of the iteration
         try:
@@ -117,8 +119,8 @@ def search(
         placed_count += 1
         mine: SearchResult | None = None
         for name, placed, comm in placements:
-            sim = simulate(placed_plan(graph, cluster, label, placed), graph, estimator, links,
-                           index, comm)
+            sim = simulate(placed_plan(graph, cluster, label, placed, recompute), graph,
+                           estimator, links, index, comm)
             if mine is None or sim.makespan_s < mine.simulation.makespan_s * (1.0 - 1e-12):
                 mine = SearchResult(placed, sim, label, name, len(schedules), 0)
         assert mine is not None

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -292,11 +292,14 @@ class Communication:
 
 
 def wave_compute_times(waves: Sequence[Wave], graph: MetaGraph, estimator: Estimator,
-                       links: Links) -> list[float]:
+                       links: Links, recompute: Collection[int] = ()) -> list[float]:
     """Every wave's compute (forward + backward): its slowest slice under the estimator's
-    compute time, plus the runtime's per-wave cost."""
+    compute time, plus the runtime's per-wave cost.  A slice of a MetaOp in ``recompute`` runs
+    its forward once more in backward (``1 - backward_share`` of its compute)."""
+    again = 2.0 - links.backward_share
     return [
         max((s.num_layers * estimator.compute_time(graph.metaops[s.metaop], s.n)
+             * (again if s.metaop in recompute else 1.0)
              for s in wave.slices), default=0.0) + links.wave_overhead_s
         for wave in waves
     ]
@@ -432,7 +435,8 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
             for d in s.devices:
                 busy[d] += t
         schedule += sched_w
-    wave_compute = wave_compute_times(plan.waves, graph, estimator, links)
+    wave_compute = wave_compute_times(plan.waves, graph, estimator, links,
+                                      frozenset(plan.recompute))
     compute = sum(wave_compute)
     comm = comm or communication(plan, graph, links, wave_compute, index)
     held = device_parameters(plan, index)

@@ -211,7 +211,7 @@ class WaveExecutor:
         refs = metaop.layers[s.layer_start:s.layer_end]
         batch = self._batch.get((metaop.task, rows), {})
         return run_chain(self.provider, self.local.modules, refs, inputs, carry, batch,
-                         metaop.batch, self.recompute)
+                         metaop.batch, self.recompute or s.metaop in self.plan.recompute)
 
     def _backward_slice(
         self, rec: _SliceRecord, output_grads: dict[ValueKey, list[torch.Tensor | None]]

@@ -314,6 +314,37 @@ def test_recompute_trains_exactly_like_the_run_without_it(workload: str) -> None
     assert saved[True] < 0.1 * saved[False], saved
 
 
+def test_the_runtime_recomputes_what_the_plan_says() -> None:
+    """A plan's memory strategy (its recomputed MetaOps) is executed: float64 parameters equal
+    the reference's, and the checkpoints are engaged (almost nothing saved the ordinary way)."""
+    from spindle.runtime.executor import TrainingRun
+    from spindle.runtime.reference import train_reference
+
+    w = load_workload("tiny-ofasys")
+    plain = demanding_mixed_plan(w, 1)
+    recomputing = dataclasses.replace(
+        plain, recompute=tuple(m.id for m in plain.metaops if not m.is_loss))
+    saved = {}
+    for label, plan in (("plain", plain), ("recompute", recomputing)):
+        run = TrainingRun(w, plan, 0, 1, torch.device("cpu"), RunConfig(seed=2, dtype="float64"))
+        kept = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for step in range(2):
+                run.step(step)
+        saved[label] = kept[0]
+        got = run.gather_parameters()
+        assert got is not None
+        want = train_reference(w, 2, 2, dtype=torch.float64)
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-10), (label, name)
+    assert saved["recompute"] < 0.1 * saved["plain"], saved
+
+
 def test_bf16_mixed_keeps_float32_masters_and_follows_the_float32_losses() -> None:
     """bf16-mixed: the parameters and AdamW state stay float32, the layers compute in bfloat16,
     and the loss of each of 50 steps is within 2% of the float32 run's (measured: 0.1%)."""

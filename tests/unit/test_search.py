@@ -85,3 +85,31 @@ def test_the_plan_records_what_the_search_chose() -> None:
     assert res.simulation.makespan_s <= alone.simulation.makespan_s * (1 + 1e-12)
     # on this row the schedule alone is slower: the search picked another candidate
     assert res.simulation.makespan_s < alone.simulation.makespan_s
+
+
+def test_the_planner_recomputes_only_when_the_plan_does_not_fit_without() -> None:
+    """On 2 MB-sized devices tiny-ofasys fits only with recomputation: the plan says so, its
+    memory is modelled with it, and its simulated compute pays the second forward."""
+    import dataclasses
+
+    from spindle.planner.simulator import simulate
+
+    def plan_on(megabytes: float):  # noqa: ANN202
+        return evaluate(make_context("tiny-ofasys", 2, 2, "cpu",
+                                     device_memory_gib=megabytes * 1e6 / 2**30))
+
+    roomy, tight = plan_on(3.2), plan_on(2.3)
+    assert roomy.plan.recompute == () and "memory" not in roomy.plan.choice
+    ops = tight.plan.metaops
+    assert tight.plan.recompute == tuple(m.id for m in ops if not m.is_loss)
+    assert tight.plan.choice["memory"].startswith("recompute")
+    assert tight.memory.fits() and tight.memory.peak_bytes <= 2.3e6
+    again = plan_from_dict(tight.plan.to_dict())
+    assert again.recompute == tight.plan.recompute
+    ctx = make_context("tiny-ofasys", 2, 2, "cpu")
+    without = simulate(dataclasses.replace(tight.plan, recompute=()), ctx.graph, ctx.estimator,
+                       ctx.links)
+    assert tight.simulation.compute_s > without.compute_s
+    # a baseline is held to the same memory and gets the same strategy
+    assert evaluate(make_context("tiny-ofasys", 2, 2, "cpu", device_memory_gib=2.3e6 / 2**30),
+                    "sequential").memory.fits()
