@@ -202,9 +202,10 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     if ctx.check_memory and not ctx.memory_model.recompute:
         strategies.append(everything)
     last: PlacementError | None = None
+    candidates = spindle_candidates(ctx) if planner == "spindle" and ctx.sync_aware else None
     for recompute in strategies:
         try:
-            placed, choice = _placed(ctx, planner, recompute)
+            placed, choice = _placed(ctx, planner, recompute, candidates)
             break
         except PlacementError as err:
             last = err
@@ -228,15 +229,16 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     return plan, elapsed
 
 
-def _placed(ctx: PlanningContext, planner: str, recompute: tuple[int, ...]
-            ) -> tuple[list[Wave], dict[str, str]]:
+def _placed(ctx: PlanningContext, planner: str, recompute: tuple[int, ...],
+            candidates: list[Candidate] | None) -> tuple[list[Wave], dict[str, str]]:
     """``planner``'s placed waves with the MetaOps ``recompute`` recomputing (and what the
-    search chose); raises :class:`PlacementError` when they do not fit memory."""
+    search chose among ``candidates``, Spindle's); raises :class:`PlacementError` when they
+    do not fit memory."""
     capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
     index = ctx.parameter_index or ctx.graph.parameter_index
     model = replace(ctx.memory_model, recompute_metaops=frozenset(recompute))
-    if planner == "spindle" and ctx.sync_aware:
-        found = search(spindle_candidates(ctx), ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
+    if candidates is not None:
+        found = search(candidates, ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
                        model, capacity, index, naive_placement=ctx.placement == "naive",
                        recompute=recompute)
         return found.waves, {

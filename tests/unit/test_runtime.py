@@ -282,6 +282,21 @@ def test_one_rank_without_torchrun_trains_like_the_reference() -> None:
         assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-10), name
 
 
+def _saved_bytes_of_steps(run: object, steps: int) -> int:
+    """Run ``steps`` steps of ``run`` (a TrainingRun); the bytes autograd saved for backward
+    through its ordinary saved-tensor path meanwhile."""
+    kept = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for step in range(steps):
+            run.step(step)  # type: ignore[attr-defined]
+    return kept[0]
+
+
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_recompute_trains_exactly_like_the_run_without_it(workload: str) -> None:
     """``--recompute`` (torch.utils.checkpoint per operator): float64 parameters after 3 steps
@@ -296,16 +311,7 @@ def test_recompute_trains_exactly_like_the_run_without_it(workload: str) -> None
     for recompute in (False, True):
         run = TrainingRun(w, demanding_mixed_plan(w, 1), 0, 1, torch.device("cpu"),
                           RunConfig(seed=3, dtype="float64", recompute=recompute))
-        kept = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for step in range(3):
-                run.step(step)
-        saved[recompute] = kept[0]
+        saved[recompute] = _saved_bytes_of_steps(run, 3)
         params = run.gather_parameters()
         assert params is not None
         got[recompute] = params
@@ -327,16 +333,7 @@ def test_the_runtime_recomputes_what_the_plan_says() -> None:
     saved = {}
     for label, plan in (("plain", plain), ("recompute", recomputing)):
         run = TrainingRun(w, plan, 0, 1, torch.device("cpu"), RunConfig(seed=2, dtype="float64"))
-        kept = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for step in range(2):
-                run.step(step)
-        saved[label] = kept[0]
+        saved[label] = _saved_bytes_of_steps(run, 2)
         got = run.gather_parameters()
         assert got is not None
         want = train_reference(w, 2, 2, dtype=torch.float64)
