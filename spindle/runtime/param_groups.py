@@ -185,7 +185,7 @@ class ParameterGroups:
             i = self._bucket_of[name]
             self._waiting[i] -= 1
             if self._waiting[i] == 0 and i == self._next:
-                self._launch_until(len(self.buckets), lambda k: self._waiting[k] == 0)
+                self._launch_while(lambda k: self._waiting[k] == 0)
         return final
 
     def begin_backward(self, wave: int) -> None:
@@ -197,14 +197,13 @@ class ParameterGroups:
         """Start, in order, the all-reduce of every bucket whose gradients are final once the
         backward of ``wave`` has run (every rank calls this after every wave's backward)."""
         self._params = params
-        self._launch_until(len(self.buckets), lambda k: self.buckets[k][0].ready_wave >= wave
+        self._launch_while(lambda k: self.buckets[k][0].ready_wave >= wave
                            or (bool(self._waiting) and self._waiting[k] == 0))
 
-    def _launch_until(self, end: int, ready: Callable[[int], bool]) -> None:
-        """Launch buckets from the next one on, in order, while ``ready`` holds (and before
-        ``end``)."""
+    def _launch_while(self, ready: Callable[[int], bool]) -> None:
+        """Launch buckets from the next one on, in order, while ``ready`` holds."""
         assert self._params is not None
-        while self._next < end and ready(self._next):
+        while self._next < len(self.buckets) and ready(self._next):
             bucket, names = self.buckets[self._next]
             grads: list[torch.Tensor] = []
             for name in names:
@@ -220,7 +219,7 @@ class ParameterGroups:
         """Launch what is left, wait for every bucket and copy the sums into the gradients;
         returns the bytes this rank contributed to all-reduces this iteration."""
         self._params = params
-        self._launch_until(len(self.buckets), lambda k: True)
+        self._launch_while(lambda k: True)
         for pending in self._pending:
             pending.wait()
         nbytes = sum(pending.nbytes for pending in self._pending)
