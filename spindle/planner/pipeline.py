@@ -37,11 +37,10 @@ from spindle.plan.checks import validate_plan
 from spindle.plan.contract import MetaOp, Plan, Wave
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
-from spindle.planner.baselines import place_naive
-from spindle.planner.placement import PlacementError, place, placed_plan
+from spindle.planner.placement import PlacementError, place
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
 from spindle.planner.scheduler import schedule_variants
-from spindle.planner.search import Candidate, memory_error, search
+from spindle.planner.search import Candidate, memory_error, naive_placement, search
 from spindle.planner.simulator import (
     Links,
     SimulationResult,
@@ -249,13 +248,8 @@ def _placed(ctx: PlanningContext, planner: str, recompute: tuple[int, ...],
         return place(ctx.graph, waves, ctx.cluster, model, capacity, index,
                      wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links, recompute),
                      ctx.links), {}
-    placed = place_naive(waves, ctx.num_devices)
-    if ctx.check_memory:
-        report = memory_report(placed_plan(ctx.graph, ctx.cluster, planner, placed), ctx.graph,
-                               model, capacity, index)
-        if not report.fits():
-            raise memory_error(ctx.graph, report, f"{planner} plan with naive placement")
-    return placed, {}
+    return naive_placement(waves, ctx.graph, ctx.cluster, model, capacity, index,
+                           f"{planner} plan"), {}
 
 
 def spindle_candidates(ctx: PlanningContext) -> list[Candidate]:
@@ -284,7 +278,7 @@ def evaluate(ctx: PlanningContext, planner: str = "spindle") -> PlanResult:
     plan, elapsed = build_plan(ctx, planner)
     mem = plan_memory(ctx, plan)
     if ctx.check_memory and not mem.fits():
-        # only the naive placement gets here: Spindle's placement refuses before this
+        # a safety net: both placements refuse a plan that does not fit before this
         raise memory_error(ctx.graph, mem, f"{planner} plan with {ctx.placement} placement")
     sim = simulate(plan, ctx.graph, ctx.estimator, ctx.links, ctx.parameter_index)
     c_star, lb, lb_compute = ctx.bounds

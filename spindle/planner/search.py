@@ -149,13 +149,21 @@ def _placements(
         return [(c.name, c.waves, c.communication)
                 for c in place_candidates(graph, waves, cluster, model, capacity, index, compute,
                                           links, only)]
+    return [("sequential", naive_placement(waves, graph, cluster, model, capacity, index,
+                                           f"schedule '{label}'"), None)]
+
+
+def naive_placement(waves: list[Wave], graph: MetaGraph, cluster: Cluster, model: MemoryModel,
+                    capacity: float, index: ParameterIndex, what: str) -> list[Wave]:
+    """``waves`` with the sequential (naive) placement, refused in one line (naming ``what``)
+    when a device does not fit ``capacity``."""
     placed = place_naive(waves, cluster.num_devices)
     if not math.isinf(capacity):
         report = memory_report(placed_plan(graph, cluster, "sequential", placed), graph, model,
                                capacity, index)
         if not report.fits():
-            raise memory_error(graph, report, f"schedule '{label}' with naive placement")
-    return [("sequential", placed, None)]
+            raise memory_error(graph, report, f"{what} with naive placement")
+    return placed
 
 
 def memory_error(graph: MetaGraph, report: MemoryReport, what: str) -> PlacementError:
@@ -171,4 +179,4 @@ def memory_error(graph: MetaGraph, report: MemoryReport, what: str) -> Placement
     )
 
 
-__all__ = ["Candidate", "SearchResult", "search", "memory_error"]
+__all__ = ["Candidate", "SearchResult", "search", "memory_error", "naive_placement"]
