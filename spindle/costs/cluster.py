@@ -95,9 +95,9 @@ class Cluster:
     def node(self, device: int) -> int:
         return device // self.devices_per_node
 
-    def memory_model(self, shard_optimizer: bool = False) -> MemoryModel:
+    def memory_model(self, zero: int = 0) -> MemoryModel:
         """Bytes per parameter and per activation element for this cluster's precision."""
-        return memory_model_for(self.precision, shard_optimizer=shard_optimizer)
+        return memory_model_for(self.precision, zero=zero)
 
     def describe(self) -> str:
         return (

@@ -8,18 +8,20 @@ Per device, two parts:
   by several MetaOps or tasks on the same device (a shared component layer) is counted **once** on
   that device, as the runtime builds it once.  Bytes per parameter (:class:`MemoryModel`):
 
-  - ``bf16-mixed`` (GPU): bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + fp32
-    exp_avg 4 + fp32 exp_avg_sq 4 = 16 B/param, the accounting of mixed-precision Adam training
-    in Rajbhandari et al., "ZeRO" (SC'20), section 3.1 (2 + 2 + 12 = 16 bytes per parameter);
+  - ``bf16-mixed``: what the runtime's ``--precision bf16-mixed`` allocates: float32 weights
+    (the master copy) 4 + float32 gradients 4 + float32 exp_avg 4 + exp_avg_sq 4, plus the
+    bfloat16 compute copy autocast makes of every weight and keeps for the backward (2):
+    18 B/param.  (Megatron-style bf16 parameters with a separate fp32 master, Rajbhandari et
+    al., "ZeRO" (SC'20) section 3.1's 2 + 2 + 12 = 16, are not what this runtime runs.)
   - ``fp32`` (CPU runtime): weights 4 + gradients 4 + exp_avg 4 + exp_avg_sq 4 = 16 B/param.
 
-  With ``shard_optimizer`` (ZeRO stage 1, an option, off by default), each parameter's
-  optimizer states (fp32 master and both moments, or both moments in fp32) are split evenly
-  over the parameter's device group (all devices that hold it), so a device pays
-  ``optimizer_bytes / |group|`` for it.  The runtime does not do this today: the default is
-  what the runtime allocates.  (Sharding costs no extra traffic: the all-reduce becomes a
-  reduce-scatter of gradients + an all-gather of updated weights, the same volume; ZeRO paper
-  section 7.2.1.)
+  ZeRO (the plan's per-MetaOp stage, :func:`spindle.plan.layout.zero_stages`; the runtime's
+  :mod:`spindle.runtime.zero`): stage 1 splits each sharded parameter's optimizer states evenly
+  over its device group (all devices that hold it), so a device pays ``optimizer_bytes /
+  |group|`` for it; stage 2 splits its gradient bytes too.  The weights (and the compute copy)
+  stay whole on every device.  Sharding moves about the same bytes: the all-reduce becomes a
+  reduce-scatter of gradients + an all-gather of updated weights (ZeRO paper section 7.2.1), but
+  the all-gather runs after the step (the simulator charges it there).
 
 * **Activations**.  Waves run forward in order, then backward in reverse, so what a forward
   slice saves for backward stays alive until the backward pass reaches it: the peak is at the
@@ -58,7 +60,7 @@ through it, so the placement's capacity checks and the report agree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Collection, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -68,10 +70,12 @@ from spindle.plan.layout import (
     ParameterIndex,
     executing_devices,
     local_rows,
+    metaop_stages,
     parameter_pools,
     parameter_use,
     slice_inputs,
     value_elements,
+    zero_stages,
 )
 
 GB = 1e9  # reports use decimal gigabytes (1e9 bytes); device capacities are often GiB
@@ -92,7 +96,9 @@ class MemoryModel:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes: int
-    shard_optimizer: bool = False  # ZeRO-1: optimizer states split over the device group
+    copy_bytes: int = 0  # a compute copy of every weight kept for backward (autocast's)
+    zero: int = 0  # ZeRO stage of every MetaOp (the --zero override)
+    zero_metaops: tuple[tuple[int, int], ...] = ()  # (MetaOp, stage): a plan's, per MetaOp
     flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
     recompute: bool = False  # activation checkpointing per layer (the runtime's --recompute)
     recompute_metaops: frozenset[int] = frozenset()  # ... for these MetaOps only (a plan's)
@@ -101,29 +107,55 @@ class MemoryModel:
         """Whether ``metaop``'s slices keep only each layer's input (a loss never does)."""
         return not metaop.is_loss and (self.recompute or metaop.id in self.recompute_metaops)
 
+    def zero_of(self, metaops: Sequence[MetaOp]) -> dict[int, int]:
+        """MetaOp -> ZeRO stage under this model (the override, else the plan's per MetaOp)."""
+        own = dict(self.zero_metaops)
+        return {m.id: max(self.zero, own.get(m.id, 0)) for m in metaops}
+
+    def strategy(self, metaops: Sequence[MetaOp]) -> tuple[tuple[int, ...], dict[int, int]]:
+        """The plan fields of this model's memory strategy: the MetaOps that recompute
+        (:attr:`Plan.recompute`) and MetaOp -> ZeRO stage (:attr:`Plan.zero`, stages above 0)."""
+        zero = {m: st for m, st in self.zero_of(metaops).items() if st}
+        return tuple(m.id for m in metaops if self.recomputes(m)), zero
+
     @property
     def state_bytes_per_param(self) -> int:
-        """Unsharded bytes per parameter: 16 in both shipped precisions."""
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+        """Unsharded bytes per trained parameter: 16 in fp32, 18 in bf16-mixed."""
+        return self.weight_bytes + self.copy_bytes + self.grad_bytes + self.optimizer_bytes
 
-    def param_bytes(self, params: float, group_size: int = 1) -> float:
-        opt = float(self.optimizer_bytes)
-        if self.shard_optimizer:
-            opt /= max(group_size, 1)
-        return params * (self.weight_bytes + self.grad_bytes + opt)
+    def trained_bytes(self, stage: np.ndarray, group: np.ndarray | float) -> np.ndarray:
+        """Gradient + optimizer bytes per trained element of keys at ZeRO ``stage`` sharded
+        over ``group`` devices."""
+        n = np.maximum(group, 1)
+        return (self.grad_bytes / np.where(stage >= 2, n, 1)
+                + self.optimizer_bytes / np.where(stage >= 1, n, 1))
 
 
-MIXED_BF16 = MemoryModel("bf16-mixed", weight_bytes=2, grad_bytes=2, optimizer_bytes=12,
-                         activation_bytes=2)
+MIXED_BF16 = MemoryModel("bf16-mixed", weight_bytes=4, grad_bytes=4, optimizer_bytes=8,
+                         activation_bytes=2, copy_bytes=2)
 FP32 = MemoryModel("fp32", weight_bytes=4, grad_bytes=4, optimizer_bytes=8, activation_bytes=4)
 
 
 def memory_model_for(precision: Literal["bf16-mixed", "fp32"] | str,
-                     shard_optimizer: bool = False, recompute: bool = False) -> MemoryModel:
+                     zero: int = 0, recompute: bool = False) -> MemoryModel:
     base = {"bf16-mixed": MIXED_BF16, "fp32": FP32}.get(precision)
     if base is None:
         raise ValueError(f"precision '{precision}': expected bf16-mixed or fp32")
-    return replace(base, shard_optimizer=shard_optimizer, recompute=recompute)
+    return replace(base, zero=zero, recompute=recompute)
+
+
+def with_strategy(model: MemoryModel, recompute: Collection[int] = (),
+                  zero: Mapping[int, int] | None = None) -> MemoryModel:
+    """``model`` with a plan's memory strategy added: MetaOps ``recompute`` recompute, and
+    ``zero`` (MetaOp -> stage) shards."""
+    if recompute:
+        model = replace(model, recompute_metaops=model.recompute_metaops | set(recompute))
+    if zero:
+        own = dict(model.zero_metaops)
+        for m, st in zero.items():
+            own[m] = max(own.get(m, 0), st)
+        model = replace(model, zero_metaops=tuple(sorted(own.items())))
+    return model
 
 
 def saved_elements_per_layer(metaop: MetaOp, model: MemoryModel) -> float:
@@ -253,6 +285,8 @@ class MemoryLedger:
     def __post_init__(self) -> None:
         if self.index is None:
             self.index = self.graph.parameter_index
+        self.zero = self.model.zero_of(self.graph.metaops)
+        self.stage = metaop_stages(self.index, self.zero)  # before the pool rule
         self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
         self.param_bytes = np.zeros(self.num_devices)
         self.saved = np.zeros(self.num_devices)
@@ -265,14 +299,15 @@ class MemoryLedger:
 
     def _param_bytes(self, ids: np.ndarray, n: int) -> np.ndarray:
         """Bytes of each key of ``ids`` on a device that takes it as one of ``n`` executing
-        devices: weights for every element, gradient and optimizer state for the trainable
-        ones.  With ZeRO-1 a device pays optimizer/|group| and the group holds at least the
-        slice's executing devices, so charging optimizer/n when it first takes the key is an
-        upper bound of its final share (:meth:`report` recomputes the exact share)."""
+        devices: weights (and their compute copy) for every element, gradient and optimizer
+        state for the trainable ones.  A sharded key's device pays its share over the group,
+        which holds at least the slice's executing devices, so charging the share over n when
+        it first takes the key is an upper bound of its final share (:meth:`report` recomputes
+        the exact share, with the pool rule of :func:`zero_stages`)."""
         assert self.index is not None
-        frozen = self.index.sizes[ids] - self.index.grad_sizes[ids]
-        return (self.index.grad_sizes[ids] * self.model.param_bytes(1.0, n)
-                + frozen * self.model.weight_bytes)
+        m = self.model
+        return (self.index.grad_sizes[ids] * m.trained_bytes(self.stage[ids], float(n))
+                + self.index.sizes[ids] * (m.weight_bytes + m.copy_bytes))
 
     def added_bytes(self, metaop: int, l0: int, l1: int, n: int) -> np.ndarray:
         """Bytes each device would add if it executed layers ``[l0, l1)`` of ``metaop`` as one
@@ -304,18 +339,14 @@ class MemoryLedger:
             self.metaops_on[d].append(s.metaop)
 
     def report(self, capacity_bytes: float | None = None) -> MemoryReport:
-        """The per-device peak; with ZeRO-1, each parameter's optimizer share is computed over
-        its final device group."""
+        """The per-device peak; with ZeRO, each sharded parameter's share is computed over its
+        final device group."""
         assert self.index is not None
+        m = self.model
         counts = self.index.sizes @ self.holds  # parameters per device
-        trained = self.index.grad_sizes @ self.holds  # of those, with gradient and optimizer
-        if self.model.shard_optimizer:
-            group = self.holds.sum(axis=1)  # devices per parameter
-            share = self.index.grad_sizes / np.maximum(group, 1)
-            opt = share @ self.holds * self.model.optimizer_bytes
-        else:
-            opt = trained * self.model.optimizer_bytes
-        param_bytes = counts * self.model.weight_bytes + trained * self.model.grad_bytes + opt
+        stage = zero_stages(self.index, self.zero, self.holds)
+        per_key = self.index.grad_sizes * m.trained_bytes(stage, self.holds.sum(axis=1))
+        param_bytes = counts * (m.weight_bytes + m.copy_bytes) + per_key @ self.holds
         devices = [
             DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(self.transient[d]),
                          float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])))
@@ -329,9 +360,8 @@ def memory_report(
     index: ParameterIndex | None = None,
 ) -> MemoryReport:
     """The peak memory of every device of ``plan`` under ``model`` (and the plan's own memory
-    strategy: its recomputed MetaOps)."""
-    if plan.recompute:
-        model = replace(model, recompute_metaops=model.recompute_metaops | set(plan.recompute))
+    strategy: its recomputed MetaOps and ZeRO stages)."""
+    model = with_strategy(model, plan.recompute, plan.zero)
     ledger = MemoryLedger(graph, model, plan.num_devices, index)
     for wave in plan.waves:
         for s in wave.slices:

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from spindle.plan.contract import MetaOp, Plan, PlanError
+from spindle.plan.contract import ZERO_STAGES, MetaOp, Plan, PlanError
 from spindle.plan.layout import slice_inputs
 from spindle.validation import read_user_file
 
@@ -81,6 +81,11 @@ def validate_plan(
     for r in plan.recompute:
         if not 0 <= r < len(plan.metaops):
             raise PlanError(f"{where}: recompute names MetaOp {r}, which the plan does not have")
+    for m_id, stage in plan.zero.items():
+        if not 0 <= m_id < len(plan.metaops):
+            raise PlanError(f"{where}: zero names MetaOp {m_id}, which the plan does not have")
+        if stage not in ZERO_STAGES:
+            raise PlanError(f"{where}: zero stage {stage} of MetaOp {m_id}: expected 0, 1 or 2")
     # when each layer (metaop, layer) is computed: wave index
     done: dict[tuple[int, int], int] = {}
     for wi, wave in enumerate(plan.waves):

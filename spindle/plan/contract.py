@@ -136,6 +136,9 @@ def schedule_length(waves: Sequence[Wave]) -> float:
     return sum(w.duration_s for w in waves)
 
 
+ZERO_STAGES = (0, 1, 2)  # none; AdamW state sharded; AdamW state and gradients sharded
+
+
 @dataclass
 class Plan:
     planner: str
@@ -151,8 +154,11 @@ class Plan:
     # what the planner chose among its candidates (e.g. schedule, placement), for people to read;
     # the runtime executes the waves and never reads it
     choice: dict[str, str] = field(default_factory=dict)
-    # the memory strategy: MetaOps whose activations the runtime recomputes in backward
+    # the memory strategy: MetaOps whose activations the runtime recomputes in backward, and
+    # MetaOp -> ZeRO stage (1: AdamW state sharded over each parameter's device group, 2: the
+    # gradients too; :func:`spindle.plan.layout.zero_stages` says which parameters that shards)
     recompute: tuple[int, ...] = ()
+    zero: dict[int, int] = field(default_factory=dict)
 
     @property
     def schedule_s(self) -> float:
@@ -161,7 +167,9 @@ class Plan:
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["zero"] = {str(k): v for k, v in sorted(self.zero.items())}  # JSON keys are strings
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -210,6 +218,7 @@ class Plan:
                 estimates={str(k): float(v) for k, v in dict(d.get("estimates", {})).items()},
                 choice={str(k): str(v) for k, v in dict(d.get("choice", {})).items()},
                 recompute=tuple(int(x) for x in d.get("recompute", ())),
+                zero={int(k): int(v) for k, v in dict(d.get("zero", {})).items()},
             )
         except PlanError:
             raise

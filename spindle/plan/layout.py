@@ -24,6 +24,10 @@ Everything here follows from the plan alone (no torch):
   ``bucket_bytes`` that also end where the ready wave changes once they hold
   ``min_bucket_bytes`` (DDP's bucket cap and its small first bucket), all buckets then by ready
   point (:func:`sync_buckets`): the order every rank launches them in, and the simulator models.
+* **ZeRO.**  The plan's per-MetaOp stage applies to whole pools (:func:`zero_stages`): a sharded
+  pool's buckets are reduce-scattered over its group instead of all-reduced, each member steps
+  AdamW on its contiguous 1/|D| of every bucket, and the updated shards are all-gathered after
+  the step.
 """
 
 from __future__ import annotations
@@ -264,6 +268,30 @@ def parameter_pools(holds: np.ndarray) -> dict[tuple[int, ...], list[int]]:
     return pools
 
 
+def zero_stages(index: ParameterIndex, zero: Mapping[int, int], holds: np.ndarray
+                ) -> np.ndarray:
+    """Every key's ZeRO stage under a per-MetaOp choice ``zero`` (:attr:`Plan.zero`): one rule,
+    used by the runtime, the memory model and the simulator alike.  A pool (the keys of one
+    device group ``holds`` gives) is sharded as a whole, at the highest stage any MetaOp using
+    one of its keys asks for; keys held by one device only (nothing to shard over) get 0."""
+    stage = metaop_stages(index, zero)
+    if stage.any():
+        for group, ids in parameter_pools(holds).items():
+            stage[ids] = int(stage[ids].max()) if len(group) > 1 else 0
+    return stage
+
+
+def metaop_stages(index: ParameterIndex, zero: Mapping[int, int]) -> np.ndarray:
+    """Per key, the highest stage of the MetaOps using it (before the pool rule of
+    :func:`zero_stages`)."""
+    stage = np.zeros(len(index), dtype=np.int64)
+    for m, st in zero.items():
+        if st:
+            for ids in index.layer_ids[m]:
+                stage[ids] = np.maximum(stage[ids], st)
+    return stage
+
+
 # --- sync buckets -------------------------------------------------------------------------------
 
 
@@ -325,18 +353,20 @@ class SyncBucket:
     nbytes: float
     ready_wave: int
     ready_fraction: float = 1.0
+    stage: int = 0  # ZeRO: 0 all-reduce; 1/2 reduce-scatter, and all-gather after the step
 
 
 def sync_buckets(
     index: ParameterIndex, holds: np.ndarray, ready: np.ndarray, element_bytes: float,
     bucket_bytes: float = SYNC_BUCKET_BYTES, min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES,
-    fraction: np.ndarray | None = None,
+    fraction: np.ndarray | None = None, stage: np.ndarray | None = None,
 ) -> list[SyncBucket]:
     """Every pool of more than one device cut into buckets (module docstring), in launch order.
     ``ready`` all 0 means every gradient is final only after the whole backward; ``fraction``
     (:func:`ready_fractions`) places a key inside its ready wave's backward (None: at its end,
-    the wave-granular sync).  The launch order is by ready point: descending ready wave, then
-    ascending fraction; the same on every rank."""
+    the wave-granular sync); ``stage`` (:func:`zero_stages`) marks the sharded pools' buckets.
+    The launch order is by ready point: descending ready wave, then ascending fraction; the
+    same on every rank."""
     out: list[SyncBucket] = []
     waves = ready.tolist()
     frac = [1.0] * len(waves) if fraction is None else fraction.tolist()
@@ -352,6 +382,7 @@ def sync_buckets(
                                     bucket_bytes, min_bucket_bytes):
             # the last key is final last: the lowest wave, and in it the largest fraction
             out.append(SyncBucket(group, tuple(run), sum(nbytes[i] for i in run),
-                                  waves[run[-1]], frac[run[-1]]))
+                                  waves[run[-1]], frac[run[-1]],
+                                  0 if stage is None else int(stage[run[0]])))
     out.sort(key=lambda b: (-b.ready_wave, b.ready_fraction))  # stable: pools in order
     return out

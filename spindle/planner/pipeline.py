@@ -37,7 +37,7 @@ from spindle.plan.checks import validate_plan
 from spindle.plan.contract import MetaOp, Plan, Wave
 from spindle.plan.layout import ParameterIndex
 from spindle.planner import bounds
-from spindle.planner.placement import PlacementError, place
+from spindle.planner.placement import PlacementError, place, placed_plan
 from spindle.planner.registry import PLANNERS, PlanningError, plan_waves
 from spindle.planner.scheduler import schedule_variants
 from spindle.planner.search import Candidate, memory_error, naive_placement, search
@@ -47,6 +47,14 @@ from spindle.planner.simulator import (
     links_for_cluster,
     simulate,
     wave_compute_times,
+)
+from spindle.planner.strategy import (
+    Chosen,
+    Strategy,
+    choose,
+    ladder,
+    ladder_error,
+    uniform_model,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,7 @@ class PlanningContext:
     # Spindle's plan by the whole simulated iteration (spindle.planner.search); False: the
     # wavefront schedule alone (the A/B of the search)
     sync_aware: bool = True
+    zero: int | None = None  # the user's ZeRO stage for every MetaOp (None: chosen)
 
     @property
     def hardware(self) -> HardwareModel:
@@ -144,17 +153,17 @@ def make_context(
     device_memory_gib: float | None = None,
     placement: Placement = "spindle",
     check_memory: bool = True,
-    shard_optimizer: bool = False,
+    zero: int | None = None,
     recompute: bool = False,
     sync_aware: bool = True,
     reduce_bytes: int | None = None,
 ) -> PlanningContext:
     """The fixed inputs of planning.  The cluster is ``cluster`` (a :class:`Cluster`, a cluster
     YAML file, a hardware file or preset name) or else ``hardware``, sized by ``num_devices`` or
-    ``nodes`` (command-line sizes win over a cluster file's).  ``shard_optimizer`` (ZeRO-1) and
-    ``recompute`` (activation checkpointing) change only the memory model (see
-    :mod:`spindle.costs.memory`; the runtime recomputes with ``--recompute``, it does not
-    shard).  ``sync_aware`` False plans Spindle
+    ``nodes`` (command-line sizes win over a cluster file's).  ``zero`` (a ZeRO stage for every
+    MetaOp) and ``recompute`` (every activation recomputed) fix the memory strategy the
+    planner otherwise chooses (:mod:`spindle.planner.strategy`).  ``sync_aware`` False plans
+    Spindle
     by the wave schedule alone (no search over candidates, :mod:`spindle.planner.search`).
     ``reduce_bytes``: bytes per gradient element in the all-reduce (2: the runtime's
     ``--reduce-dtype bf16``; default: the hardware's ``grad_bytes``)."""
@@ -181,8 +190,8 @@ def make_context(
         links = replace(links, grad_bytes=reduce_bytes)
     return PlanningContext(
         w, graph, est, cl, links,
-        replace(cl.memory_model(shard_optimizer), recompute=recompute), placement,
-        check_memory, graph.parameter_index, sync_aware,
+        replace(cl.memory_model(), recompute=recompute), placement,
+        check_memory, graph.parameter_index, sync_aware, zero,
     )
 
 
@@ -190,61 +199,94 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     """Run ``planner`` and place its waves; returns the validated plan and the planning time
     (planner + placement, and for Spindle the sync-aware search over its candidates).
 
-    The memory strategy is part of the plan: without ``--recompute`` a plan that does not fit
-    its devices' memory is planned again with every MetaOp but the losses recomputing its
-    activations (the same for every planner, baselines included); the plan lists them
-    (:attr:`Plan.recompute`), the simulator charges their second forward and the runtime
-    recomputes them.  A plan that fits without is never recomputed."""
+    The memory strategy is part of the plan, chosen the same way for every planner, baselines
+    included (:mod:`spindle.planner.strategy`): the waves are placed under ``none``, then
+    ZeRO-1, ZeRO-2, recomputation, ... until they fit (and, when that was not ``none``, under
+    the most memory-saving one too), then the fitting strategy with the shortest simulated
+    iteration is kept and refined per MetaOp.  The plan
+    lists what recomputes (:attr:`Plan.recompute`) and shards (:attr:`Plan.zero`); the
+    simulator charges it and the runtime executes it.  ``--zero`` / ``--recompute`` fix it."""
     t0 = time.perf_counter()
-    everything = tuple(m.id for m in ctx.graph.metaops if not m.is_loss)
-    strategies: list[tuple[int, ...]] = [everything] if ctx.memory_model.recompute else [()]
-    if ctx.check_memory and not ctx.memory_model.recompute:
-        strategies.append(everything)
+    strategies = ladder(ctx.zero, ctx.memory_model.recompute)
+    base = replace(ctx.memory_model, recompute=False)
+    capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
+    index = ctx.parameter_index or ctx.graph.parameter_index
     last: PlacementError | None = None
     candidates = spindle_candidates(ctx) if planner == "spindle" and ctx.sync_aware else None
-    for recompute in strategies:
+    for fitted in strategies:
         try:
-            placed, choice = _placed(ctx, planner, recompute, candidates)
+            placed, choice = _placed(ctx, planner, uniform_model(base, fitted), candidates)
             break
         except PlacementError as err:
             last = err
-            log.info("%s: %s", planner, err)
+            log.info("%s with %s: %s", planner, fitted.label, err)
     else:
         assert last is not None
-        if recompute and not ctx.memory_model.recompute:
-            raise PlacementError(f"{last} (even with every activation recomputed)") from None
-        raise last
-    if recompute and not ctx.memory_model.recompute:
-        choice["memory"] = "recompute (does not fit without)"
+        raise ladder_error(last, strategies) if len(strategies) > 1 else last
+
+    def plan_of(waves: list[Wave], model: MemoryModel) -> Plan:
+        return placed_plan(ctx.graph, ctx.cluster, planner, waves, model)
+
+    def time_of(plan: Plan) -> float:
+        return simulate(plan, ctx.graph, ctx.estimator, ctx.links, index).makespan_s
+
+    def settle(fitted: Strategy, placed: list[Wave], choice: dict[str, str]
+               ) -> tuple[float, list[Wave], dict[str, str], Chosen]:
+        chosen = choose(ctx.graph, placed, fitted, strategies, base, capacity, time_of, plan_of,
+                        refine_zero=ctx.zero is None,
+                        refine_recompute=not ctx.memory_model.recompute)
+        t = time_of(plan_of(placed, chosen.model))
+        if chosen.uniform is not None and chosen.uniform != fitted:
+            # placed again under the chosen strategy: the placement weighs its sync
+            try:
+                again, choice_again = _placed(ctx, planner, chosen.model, candidates)
+                t_again = time_of(plan_of(again, chosen.model))
+                if t_again < t:
+                    placed, choice, t = again, choice_again, t_again
+            except PlacementError as err:  # it fits the first placement only
+                log.info("%s with %s placed again: %s", planner, chosen.label, err)
+        return t, placed, choice, chosen
+
+    options = [settle(fitted, placed, choice)]
+    if fitted != strategies[0] and fitted != strategies[-1]:
+        # memory-bound: the most memory-saving strategy may admit a much shorter schedule
+        try:
+            most = strategies[-1]
+            options.append(settle(most, *_placed(ctx, planner, uniform_model(base, most),
+                                                 candidates)))
+        except PlacementError as err:
+            log.info("%s with %s: %s", planner, strategies[-1].label, err)
+    _, placed, choice, chosen = min(options, key=lambda o: o[0])
+    recompute, zero = chosen.model.strategy(ctx.graph.metaops)
+    choice["memory"] = chosen.label
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,
         workload_fingerprint=ctx.workload.fingerprint(), num_devices=ctx.num_devices,
         devices_per_node=ctx.devices_per_node, hardware=ctx.hardware.name,
         metaops=tuple(ctx.graph.metaops), waves=tuple(placed), choice=choice,
-        recompute=recompute,
+        recompute=recompute, zero=zero,
     )
     validate_plan(plan, ctx.graph.metaops, source=f"{planner} plan")
     return plan, elapsed
 
 
-def _placed(ctx: PlanningContext, planner: str, recompute: tuple[int, ...],
+def _placed(ctx: PlanningContext, planner: str, model: MemoryModel,
             candidates: list[Candidate] | None) -> tuple[list[Wave], dict[str, str]]:
-    """``planner``'s placed waves with the MetaOps ``recompute`` recomputing (and what the
-    search chose among ``candidates``, Spindle's); raises :class:`PlacementError` when they
-    do not fit memory."""
+    """``planner``'s placed waves under ``model``'s memory strategy (and what the search chose
+    among ``candidates``, Spindle's); raises :class:`PlacementError` when they do not fit
+    memory."""
     capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
     index = ctx.parameter_index or ctx.graph.parameter_index
-    model = replace(ctx.memory_model, recompute_metaops=frozenset(recompute))
     if candidates is not None:
         found = search(candidates, ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
-                       model, capacity, index, naive_placement=ctx.placement == "naive",
-                       recompute=recompute)
+                       model, capacity, index, naive_placement=ctx.placement == "naive")
         return found.waves, {
             "schedule": found.schedule, "placement": found.placement,
             "searched": f"{found.placed} of {found.considered} candidate schedules placed"}
     waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
     if ctx.placement != "naive":
+        recompute, _ = model.strategy(ctx.graph.metaops)
         return place(ctx.graph, waves, ctx.cluster, model, capacity, index,
                      wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links, recompute),
                      ctx.links), {}

@@ -407,7 +407,7 @@ def place_candidates(
     links = links or links_for_cluster(cluster, model.activation_bytes)
 
     def candidate(name: str, placed: list[Wave]) -> PlacementCandidate:
-        plan = placed_plan(graph, cluster, name, placed)
+        plan = placed_plan(graph, cluster, name, placed, model)
         return PlacementCandidate(name, placed,
                                   communication(plan, graph, links, wave_compute, index))
 
@@ -431,12 +431,12 @@ def place_candidates(
 
 
 def placed_plan(graph: MetaGraph, cluster: Cluster, name: str, waves: Sequence[Wave],
-                recompute: Sequence[int] = ()) -> Plan:
-    """The plan of ``graph`` on ``cluster``: placed ``waves`` (placement ``name``), recomputing
-    the MetaOps ``recompute``."""
+                model: MemoryModel | None = None) -> Plan:
+    """``graph`` on ``cluster`` in the placed ``waves``, with ``model``'s memory strategy."""
+    recompute, zero = model.strategy(graph.metaops) if model else ((), {})
     return Plan(name, graph.workload.name, graph.workload.fingerprint(), cluster.num_devices,
                 cluster.devices_per_node, cluster.hardware.name, tuple(graph.metaops),
-                tuple(waves), recompute=tuple(recompute))
+                tuple(waves), recompute=recompute, zero=zero)
 
 
 def best_candidate(candidates: list[PlacementCandidate]) -> PlacementCandidate:

@@ -87,13 +87,13 @@ def search(
     capacity_bytes: float,
     index: ParameterIndex,
     naive_placement: bool = False,
-    recompute: tuple[int, ...] = (),
 ) -> SearchResult:
     """The candidate of ``schedules`` (label, unplaced waves) whose placed plan simulates
     fastest (module docstring).  ``naive_placement`` places every candidate with the
-    sequential placement instead of Spindle's; ``recompute``: the MetaOps every candidate
-    recomputes (their extra forward is simulated).  Raises the first candidate's
-    :class:`PlacementError` when none fits ``capacity_bytes``."""
+    sequential placement instead of Spindle's; every candidate runs ``memory_model``'s memory
+    strategy (recomputed MetaOps: their extra forward is simulated; ZeRO's collectives).
+    Raises the first candidate's :class:`PlacementError` when none fits ``capacity_bytes``."""
+    recompute, _ = memory_model.strategy(graph.metaops)
     best: SearchResult | None = None
     first_error: PlacementError | None = None
     placed_count = 0
@@ -119,7 +119,7 @@ def search(
         placed_count += 1
         mine: SearchResult | None = None
         for name, placed, comm in placements:
-            sim = simulate(placed_plan(graph, cluster, label, placed, recompute), graph,
+            sim = simulate(placed_plan(graph, cluster, label, placed, memory_model), graph,
                            estimator, links, index, comm)
             if mine is None or sim.makespan_s < mine.simulation.makespan_s * (1.0 - 1e-12):
                 mine = SearchResult(placed, sim, label, name, len(schedules), 0)
@@ -159,8 +159,8 @@ def naive_placement(waves: list[Wave], graph: MetaGraph, cluster: Cluster, model
     when a device does not fit ``capacity``."""
     placed = place_naive(waves, cluster.num_devices)
     if not math.isinf(capacity):
-        report = memory_report(placed_plan(graph, cluster, "sequential", placed), graph, model,
-                               capacity, index)
+        report = memory_report(placed_plan(graph, cluster, "sequential", placed, model), graph,
+                               model, capacity, index)
         if not report.fits():
             raise memory_error(graph, report, f"{what} with naive placement")
     return placed

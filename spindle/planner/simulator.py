@@ -12,7 +12,8 @@ The simulated iteration is what the runtime does, in order:
   with the whole batch); in backward the gradients travel the same way back.  A transfer is
   charged to the link it crosses (intra-node or inter-node); per wave boundary the slowest
   device's traffic counts, plus one latency of the slowest link crossed;
-* parameter sync: after backward, every parameter's gradient is all-reduced inside its device
+* parameter sync: after backward, every parameter's gradient is all-reduced (ZeRO: reduce-scattered,
+  and the updated shards all-gathered after the step, ``gather_s``) inside its device
   group (all devices that execute an operator using it: the runtime's pools,
   :func:`spindle.costs.memory.pool_sizes`); groups that share a device run one after another;
   disjoint groups run side by side.  With the hardware's ``sync_overlap``, the runtime's buckets
@@ -49,13 +50,13 @@ import numpy as np
 from spindle.costs.cluster import Cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
-from spindle.costs.memory import pool_sizes
 from spindle.costs.profile import Profile
 from spindle.plan.contract import Plan, Wave
 from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
     ParameterIndex,
+    parameter_pools,
     parameter_use,
     pieces,
     ready_fractions,
@@ -63,6 +64,7 @@ from spindle.plan.layout import (
     slice_rows,
     sync_buckets,
     value_elements,
+    zero_stages,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Links:
     latency_s: float = 0.0
     activation_bytes: int = 2
     grad_bytes: int = 2
+    param_bytes: int = 4  # the parameters' dtype (ZeRO's all-gather of updated weights)
     inter_node_latency_s: float | None = None
     # point-to-point exchange at a wave boundary (default: the all-reduce figures)
     p2p_latency_s: float | None = None
@@ -148,6 +151,22 @@ class Links:
         bw = self.inter_node_bw if inter else self.intra_node_bw
         return self.latency(inter) + 2.0 * (n - 1) / n * nbytes / bw
 
+    def reduce_scatter_s(self, nbytes: float, group: tuple[int, ...]) -> float:
+        """Ring reduce-scatter (or all-gather) of ``nbytes`` in all: half a ring all-reduce's
+        traffic, (n-1)/n of the bytes, and one latency."""
+        n = len(group)
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        inter = self.node(min(group)) != self.node(max(group))
+        if self.allreduce_time_of is not None and not inter:
+            return self.allreduce_time_of(nbytes / 2.0, n)
+        bw = self.inter_node_bw if inter else self.intra_node_bw
+        return self.latency(inter) + (n - 1) / n * nbytes / bw
+
+    def sync_s(self, nbytes: float, group: tuple[int, ...], stage: int) -> float:
+        """A bucket's gradient collective: an all-reduce, or with ZeRO a reduce-scatter."""
+        return (self.reduce_scatter_s if stage else self.allreduce_s)(nbytes, group)
+
 
 def links_for_cluster(
     cluster: Cluster, activation_bytes: int | None = None, profile: Profile | None = None
@@ -167,7 +186,7 @@ def links_for_cluster(
         inter_node_bw=hw.inter_node_bandwidth,
         latency_s=hw.intra_node_latency_s,
         activation_bytes=activation_bytes or cluster.memory_model().activation_bytes,
-        grad_bytes=hw.grad_bytes,
+        grad_bytes=hw.grad_bytes, param_bytes=cluster.memory_model().weight_bytes,
         inter_node_latency_s=hw.inter_node_latency_s,
         optimizer_per_param_s=hw.optimizer_time(1.0), sync_overlap=hw.sync_overlap,
     )
@@ -211,6 +230,7 @@ class SimulationResult:
     send_recv_latency_s: float = 0.0  # the part of send_recv_s that is per-exchange latency
     device_params: list[float] = field(default_factory=list)
     sync_serial_s: float = 0.0  # param sync were none of it overlapped with backward
+    gather_s: float = 0.0  # ZeRO: the all-gather of updated shards after the step
 
     @property
     def hidden_share(self) -> float:
@@ -218,12 +238,12 @@ class SimulationResult:
         it: (compute + communication - overlapped total) / communication, with communication =
         send/recv + the whole sync, and the overlapped total what the iteration pays (0 when
         there is no communication)."""
-        comm = self.send_recv_s + self.sync_serial_s
+        comm = self.send_recv_s + self.sync_serial_s + self.gather_s
         return (self.sync_serial_s - self.sync_s) / comm if comm > 0 else 0.0
 
     @property
     def makespan_s(self) -> float:
-        return self.compute_s + self.send_recv_s + self.sync_s + self.optimizer_s
+        return self.compute_s + self.send_recv_s + self.sync_s + self.optimizer_s + self.gather_s
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -234,6 +254,7 @@ class SimulationResult:
             "send_recv_bytes": self.send_recv_bytes,
             "param_sync_s": self.sync_s,
             "optimizer_s": self.optimizer_s,
+            "param_gather_s": self.gather_s,
         }
 
 
@@ -285,10 +306,11 @@ class Communication:
     latency_s: float = 0.0  # the per-exchange latency part of send_recv_s
     exchanges: int = 0  # forward + backward: boundary x peer-exchanges of the busiest device
     sync_serial_s: float = 0.0  # the sync were none of it overlapped (the busiest device's)
+    gather_s: float = 0.0  # ZeRO's all-gather after the step (the busiest device's)
 
     @property
     def time_s(self) -> float:
-        return self.send_recv_s + self.sync_s
+        return self.send_recv_s + self.sync_s + self.gather_s
 
 
 def wave_compute_times(waves: Sequence[Wave], graph: MetaGraph, estimator: Estimator,
@@ -356,18 +378,26 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
         exchanges += 2 * n_peer
 
     per_device_sync: dict[int, float] = defaultdict(float)
+    per_device_gather: dict[int, float] = defaultdict(float)
     index = index or graph.parameter_index
     use = parameter_use(plan, index)
-    for group, nparams in pool_sizes(plan, index, use[0]).items():
-        t = links.allreduce_s(nparams * links.grad_bytes, group)
+    stage = zero_stages(index, plan.zero, use[0])
+    for group, ids in parameter_pools(use[0]).items():
+        nbytes = float(index.grad_sizes[ids].sum()) * links.grad_bytes
+        st = int(stage[ids[0]])
+        t = links.sync_s(nbytes, group, st)
+        # ZeRO: the updated shards travel back after the step, in the parameters' dtype
+        g = links.reduce_scatter_s(nbytes / links.grad_bytes * links.param_bytes,
+                                   group) if st else 0.0
         for d in group:
             per_device_sync[d] += t
+            per_device_gather[d] += g
     serial = sync = max(per_device_sync.values(), default=0.0)
     if wave_compute is not None and links.sync_overlap > 0:
         exposed = overlapped_sync_s(plan, graph, links, wave_compute, index, use)
         sync = (1.0 - links.sync_overlap) * sync + links.sync_overlap * exposed
     return Communication(send_recv, sync, 2 * total, 2 * intra, 2 * inter, latency, exchanges,
-                         serial)
+                         serial, max(per_device_gather.values(), default=0.0))
 
 
 def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
@@ -394,7 +424,8 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     holds, ready = use if use is not None else parameter_use(plan, index)
     fraction = ready_fractions(plan, index, ready) if links.sync_start == "layer" else None
     buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
-                           links.sync_min_bucket_bytes, fraction)
+                           links.sync_min_bucket_bytes, fraction,
+                           zero_stages(index, plan.zero, holds))
     for b in buckets:
         # final once the wave's backward has run b.ready_fraction of it (its slices start
         # together; a slice shorter than its wave makes this conservative)
@@ -402,7 +433,7 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
         if b.ready_wave in done_after:
             final -= (1.0 - b.ready_fraction) * links.backward_share * wave_compute[b.ready_wave]
         start = max([final] + [free[d] for d in b.group])
-        end = start + links.allreduce_s(b.nbytes, b.group)
+        end = start + links.sync_s(b.nbytes, b.group, b.stage)
         for d in b.group:
             free[d] = end
         finish = max(finish, end)
@@ -410,9 +441,15 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
 
 
 def device_parameters(plan: Plan, index: ParameterIndex) -> list[float]:
-    """Parameters each device holds (and steps in its optimizer): the sum of its pools."""
+    """Parameters each device steps in its optimizer: the sum of its pools (a sharded pool's
+    1/|D| share)."""
     held = [0.0] * plan.num_devices
-    for group, nparams in pool_sizes(plan, index).items():
+    holds, _ = parameter_use(plan, index)
+    stage = zero_stages(index, plan.zero, holds)
+    for group, ids in parameter_pools(holds).items():
+        nparams = float(index.grad_sizes[ids].sum())
+        if stage[ids[0]]:
+            nparams /= len(group)
         for d in group:
             held[d] += nparams
     return held
@@ -447,5 +484,5 @@ def simulate(plan: Plan, graph: MetaGraph, estimator: Estimator, links: Links,
         optimizer_s=max((links.optimizer_s(p, plan.num_devices) for p in held if p > 0),
                         default=0.0),
         send_recv_latency_s=comm.latency_s, device_params=held,
-        sync_serial_s=comm.sync_serial_s,
+        sync_serial_s=comm.sync_serial_s, gather_s=comm.gather_s,
     )

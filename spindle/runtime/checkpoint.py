@@ -72,11 +72,10 @@ class Checkpointer:
     def _state(self) -> dict[str, torch.Tensor]:
         run = self.run
         sd: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in run.local.params.items()}
-        if run.optimizer is not None:
-            for n, p in run.local.params.items():
-                for key, value in run.optimizer.state.get(p, {}).items():
-                    if key in ADAM_STATE:
-                        sd[f"{OPTIM}{key}/{n}"] = value
+        for n, state in run.optimizer_state().items():
+            for key, value in state.items():
+                if key in ADAM_STATE:
+                    sd[f"{OPTIM}{key}/{n}"] = value
         sd[f"{RNG}{run.rank}/cpu"] = torch.get_rng_state()
         sd.update(self.set_aside)
         return sd
@@ -189,9 +188,7 @@ class Checkpointer:
         dcp.load(sd, checkpoint_id=str(folder))
         if rng_key in sd:
             torch.set_rng_state(sd[rng_key])
-        if run.optimizer is not None:
-            for n, state in opt_state.items():
-                run.optimizer.state[run.local.params[n]] = state
+        run.load_optimizer_state(opt_state)
 
     def _barrier(self) -> None:
         if self.run.world_size > 1:

@@ -86,6 +86,10 @@ class RunConfig:
     recompute: bool = field(default=False, metadata=_opt(
         "recompute every operator's activations in backward (torch.utils.checkpoint per layer;"
         " the memory model's --recompute): less memory, one more forward"))
+    zero: int | None = field(default=None, metadata=_opt(
+        "ZeRO stage for every MetaOp, overriding the plan's choice: 0 none, 1 AdamW state"
+        " sharded over each parameter's device group, 2 gradients too (default: as planned)",
+        choices=(0, 1, 2), metavar="STAGE"))
     data_workers: int = field(default=0, metadata=_opt(
         "DataLoader worker processes per task and rank for a task's own dataset (0: load in the"
         " rank's process)", metavar="N"))
@@ -164,7 +168,7 @@ class RunConfig:
                 action = "store_false" if f.default else "store_true"
                 parser.add_argument(flag, dest=f.name, action=action, help=meta["help"])
                 continue
-            kind = {"int": int, "float": float}.get(str(f.type), str)  # str | None: str
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default,
                                 help=_with_default(meta["help"], f.default), **meta["argparse"])
 

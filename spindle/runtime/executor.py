@@ -25,7 +25,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -262,6 +262,8 @@ class TrainingRun:
         config: RunConfig | None = None,
     ) -> None:
         config = config or RunConfig()
+        if config.zero is not None:  # the user's override of the plan's ZeRO stages
+            plan = replace(plan, zero={m.id: config.zero for m in plan.metaops})
         self.workload = workload
         self.plan = plan
         self.rank = rank
@@ -295,8 +297,9 @@ class TrainingRun:
         if config.overlap_sync:
             self.executor.before_backward = self.groups.begin_backward
             self.executor.after_backward = self._launch_ready
-        # frozen parameters (requires_grad False) have no gradient and no optimizer state
-        params = [p for p in self.local.params.values() if p.requires_grad]
+        # frozen parameters (requires_grad False) have no gradient and no optimizer state; a
+        # sharded pool's parameters are stepped by this rank's share of them (ZeRO)
+        params = self.groups.optimizer_params(self.local.params)
         self.optimizer = (
             # foreach: the multi-tensor kernels, bit-identical to the per-tensor loop, faster
             torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -322,8 +325,7 @@ class TrainingRun:
         self.timer.sync()
         start = time.perf_counter()
         with self.timer.phase("optimizer"):
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
+            self.groups.zero_grad(self.local.params)
         result = self.executor.forward_backward(step)
         with self.timer.phase("param_sync"):
             sync_bytes = self.groups.finish(self.local.params)
@@ -331,6 +333,8 @@ class TrainingRun:
             norm = self.groups.clip_gradients(self.local.params, self.config.clip)
             if self.optimizer is not None:
                 self.optimizer.step()
+        with self.timer.phase("param_sync"):
+            sync_bytes += self.groups.after_step(self.local.params)
         elapsed = time.perf_counter() - start
         counters = self.transmitter.counters
         return StepOutcome(
@@ -356,6 +360,18 @@ class TrainingRun:
     def _launch_ready(self, wave: int) -> None:
         with self.timer.phase("param_sync"):
             self.groups.launch_ready(wave, self.local.params)
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW's state of every parameter this rank holds, whole, by logical name
+        (collective: with ZeRO the shares are gathered)."""
+        if self.optimizer is None:
+            return {}
+        return self.groups.optimizer_state(self.optimizer, self.local.params)
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Continue from the whole per-name AdamW ``state`` (:meth:`optimizer_state`'s form)."""
+        if self.optimizer is not None:
+            self.groups.load_optimizer_state(self.optimizer, self.local.params, state)
 
     def gather_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every logical parameter on rank 0 (None on the other ranks); collective."""

@@ -40,6 +40,7 @@ the world.  Clipping then scales by ``max_norm / (norm + 1e-6)`` clamped to 1, e
 from __future__ import annotations
 
 import logging
+import math
 from datetime import timedelta
 from typing import Callable, Mapping
 
@@ -59,7 +60,9 @@ from spindle.plan.layout import (
     parameter_use,
     ready_fractions,
     sync_buckets,
+    zero_stages,
 )
+from spindle.runtime.zero import BucketScatter, Shard, full_state, gather_updated, load_state
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +147,20 @@ class ParameterGroups:
         element_bytes = torch.finfo(reduced).bits // 8 if reduced.is_floating_point else 1
         # frozen parameters have no gradient to sync (the same rule on every rank)
         self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = []
+        # ZeRO: this rank's share of every sharded bucket (None for an all-reduced one)
+        self.shards: list[Shard | None] = []
+        stage = zero_stages(index, plan.zero, holds)
         for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes,
-                              fraction):
+                              fraction, stage):
             names = tuple(n for k in b.keys for n in members[index.names[k]]
                           if trainable is None or trainable(n))
             if rank in b.group and names:
                 self.buckets.append((b, names))
-        self._pending: list[BucketSum] = []
+                self.shards.append(Shard.of(
+                    b.stage, names, tuple(math.prod(self.shapes[n]) for n in names), b.group,
+                    rank, self._groups[b.group]) if b.stage else None)
+        self.sharded = {n for shard in self.shards if shard for n in shard.names}
+        self._pending: list[BucketSum | BucketScatter] = []
         self._next = 0  # buckets[:_next] are launched this iteration
         # the layer-granular start: each bucket's parameters not yet final this iteration, and
         # the wave in whose backward a parameter is final on this rank (its earliest use here)
@@ -172,9 +182,13 @@ class ParameterGroups:
 
     # -- the sync ----------------------------------------------------------------------------
     def attach(self, params: Mapping[str, torch.nn.Parameter]) -> None:
-        """Register the layer-granular start's post-accumulate-grad hooks on ``params`` (the
-        rank's parameters by logical name); without ``sync_start="layer"`` this does nothing."""
+        """Bind the ZeRO shares' views to ``params`` (the rank's parameters by logical name) and
+        register the layer-granular start's post-accumulate-grad hooks on them (only with
+        ``sync_start="layer"``)."""
         self._params = params
+        for shard in self.shards:
+            if shard is not None:
+                shard.bind(params)
         for name in self._bucket_of:
             params[name].register_post_accumulate_grad_hook(self._hook(name))
 
@@ -211,8 +225,10 @@ class ParameterGroups:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            self._pending.append(BucketSum(grads, self._groups[bucket.group],
-                                           self.reduce_dtype))
+            shard = self.shards[self._next]
+            self._pending.append(
+                BucketScatter(grads, shard, self.reduce_dtype) if shard is not None
+                else BucketSum(grads, self._groups[bucket.group], self.reduce_dtype))
             self._next += 1
 
     def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:
@@ -221,18 +237,77 @@ class ParameterGroups:
         self._params = params
         self._launch_while(lambda k: True)
         for pending in self._pending:
-            pending.wait()
+            if isinstance(pending, BucketScatter):
+                pending.wait(params)
+            else:
+                pending.wait()
         nbytes = sum(pending.nbytes for pending in self._pending)
         self._pending, self._next, self._wave = [], 0, -1
         self._waiting = [len(names) for _, names in self.buckets] if self._bucket_of else []
         return nbytes
 
+    # -- the optimizer's view ------------------------------------------------------------------
+    def optimizer_params(self, params: Mapping[str, torch.nn.Parameter]) -> list[torch.Tensor]:
+        """What this rank's AdamW steps: every trainable parameter it holds, except that a
+        sharded pool's parameters are replaced by this rank's share of them (views)."""
+        out: list[torch.Tensor] = [p for n, p in params.items()
+                                   if p.requires_grad and n not in self.sharded]
+        return out + [v for shard in self.shards if shard for v in shard.views]
+
+    def zero_grad(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Drop every gradient: the parameters' and the shares'."""
+        for p in params.values():
+            p.grad = None
+        for shard in self.shards:
+            for v in shard.views if shard else ():
+                v.grad = None
+
+    def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> int:
+        """All-gather the updated shares into the whole parameters (collective; nothing without
+        ZeRO); returns the bytes this rank sent."""
+        return gather_updated([s for s in self.shards if s], params) if self.sharded else 0
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer,
+                        params: Mapping[str, torch.nn.Parameter]
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW's state of every parameter this rank holds, whole, by logical name (collective
+        with ZeRO: the shares are gathered)."""
+        out = {n: dict(optimizer.state[p]) for n, p in params.items()
+               if n not in self.sharded and p in optimizer.state}
+        out.update(full_state([s for s in self.shards if s], optimizer, params))
+        return out
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                             params: Mapping[str, torch.nn.Parameter],
+                             state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Give AdamW the whole per-name ``state`` (this rank's share of a sharded one)."""
+        for n, st in state.items():
+            if n not in self.sharded:
+                optimizer.state[params[n]] = dict(st)
+        load_state([s for s in self.shards if s], optimizer, state)
+
+    def _grads(self, params: Mapping[str, torch.nn.Parameter]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients AdamW will read (unsharded parameters' and the shares'), and of those
+        the ones this rank counts in the global norm: an unsharded parameter on the lowest rank
+        of its group, and every share (the shares of a bucket partition it)."""
+        mine: list[torch.Tensor] = []
+        every: list[torch.Tensor] = []
+        for name, p in params.items():
+            if p.grad is not None and name not in self.sharded:
+                every.append(p.grad)
+                if self.device_groups[name][0] == self.rank:
+                    mine.append(p.grad)
+        for shard in self.shards:
+            for v in shard.views if shard else ():
+                if v.grad is not None:
+                    every.append(v.grad)
+                    mine.append(v.grad)
+        return every, mine
+
     def global_grad_norm(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
         """The 2-norm of the whole model's gradient, each parameter counted once."""
-        squares = []
-        for name, p in params.items():
-            if p.grad is not None and self.device_groups[name][0] == self.rank:
-                squares.append(torch.linalg.vector_norm(p.grad).pow(2))
+        squares = [torch.linalg.vector_norm(g).pow(2) for g in self._grads(params)[1]]
         total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=self.dtype)
         total = total.to(dtype=self.dtype, device=self.device).reshape(1)
         if self.world_size > 1:
@@ -240,13 +315,12 @@ class ParameterGroups:
         return total.sqrt()[0]
 
     def clip_gradients(self, params: Mapping[str, torch.nn.Parameter], max_norm: float) -> float:
-        """Scale every local gradient by ``min(1, max_norm / (norm + 1e-6))`` of the true global
-        norm; returns the norm before clipping."""
+        """Scale every gradient AdamW will read by ``min(1, max_norm / (norm + 1e-6))`` of the
+        true global norm; returns the norm before clipping."""
         norm = self.global_grad_norm(params)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params.values():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+        for g in self._grads(params)[0]:
+            g.mul_(coef.to(g.dtype))
         return float(norm)
 
     def gather(

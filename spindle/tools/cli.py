@@ -61,12 +61,13 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
                    help="device placement: topology/memory aware, or naive sequential")
     p.add_argument("--no-memory-check", action="store_true",
                    help="plan even when a device's modelled memory exceeds its capacity")
-    p.add_argument("--zero", action="store_true",
-                   help="memory model: shard optimizer states over each parameter group"
-                        " (ZeRO-1; planning only, the runtime does not implement it yet)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=None, metavar="STAGE",
+                   help="ZeRO stage for every MetaOp (0 none, 1 AdamW state sharded over each"
+                        " parameter's device group, 2 gradients too; default: the planner"
+                        " chooses the memory strategy)")
     p.add_argument("--recompute", action="store_true",
-                   help="memory model: activations recomputed in backward (spindle train"
-                        " --recompute runs it)")
+                   help="recompute every activation in backward (default: the planner"
+                        " chooses)")
     p.add_argument("--reduce-dtype", default="param", choices=["param", "bf16"],
                    help="gradient all-reduce in the hardware's gradient dtype, or bf16 (half"
                         " the bytes; spindle train --reduce-dtype bf16)")
@@ -77,7 +78,7 @@ def _context(args: argparse.Namespace) -> PlanningContext:
         args.workload, args.devices, args.devices_per_node, args.hardware, args.profile,
         cluster=args.cluster, nodes=args.nodes, device_memory_gib=args.device_memory_gib,
         placement=args.placement, check_memory=not args.no_memory_check,
-        shard_optimizer=args.zero, recompute=args.recompute,
+        zero=args.zero, recompute=args.recompute,
         reduce_bytes=2 if args.reduce_dtype == "bf16" else None,
     )
 

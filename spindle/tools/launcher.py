@@ -85,10 +85,10 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         check_plan(plan, workload, args.nproc, str(args.plan))
     else:
         hardware = args.hardware or ("a800" if torch.cuda.is_available() else "cpu")
-        # the memory check of the plan sees the activations --recompute keeps
+        # the plan's memory strategy is --recompute / --zero where given, else chosen
         plan = make_plan(workload, args.planner, args.nproc,
                          args.devices_per_node or args.nproc, hardware, args.profile,
-                         recompute=args.recompute,
+                         recompute=args.recompute, zero=args.zero,
                          reduce_bytes=2 if args.reduce_dtype == "bf16" else None)
     check_model(plan, workload)
     return plan

@@ -14,6 +14,17 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:9.2f} ms"
 
 
+def memory_strategy(plan: Plan) -> str:
+    """What the plan recomputes and shards, in a few words (its ``choice["memory"]`` when the
+    planner recorded one)."""
+    if "memory" in plan.choice:
+        return plan.choice["memory"]
+    stages = sorted(set(plan.zero.values()))
+    parts = ([f"recompute {len(plan.recompute)} MetaOps"] if plan.recompute else []) + (
+        [f"zero-{'/'.join(map(str, stages))} {len(plan.zero)} MetaOps"] if plan.zero else [])
+    return " + ".join(parts) or "none"
+
+
 def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str:
     p, sim = res.plan, res.simulation
     lines = [
@@ -27,7 +38,8 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
         f"{sim.schedule_s / res.lower_bound_s:.3f}",
         f"  simulated iteration{_ms(sim.makespan_s)}   = compute {sim.compute_s * 1e3:.2f}"
         f" + send/recv {sim.send_recv_s * 1e3:.2f} + param sync {sim.sync_s * 1e3:.2f}"
-        f" + optimizer {sim.optimizer_s * 1e3:.2f} ms",
+        f" + optimizer {sim.optimizer_s * 1e3:.2f}"
+        + (f" + param gather {sim.gather_s * 1e3:.2f}" if sim.gather_s else "") + " ms",
         f"  send/recv          {res.send_recv_bytes / 1e9:9.3f} GB per iteration"
         f" ({res.send_recv_time_s * 1e3:.2f} ms)",
         f"  peak memory        {res.peak_memory_gb:9.2f} GB per device"
@@ -38,11 +50,12 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
         lines.append(f"  chosen             {p.choice.get('schedule', '?')} schedule,"
                      f" {p.choice.get('placement', '?')} placement"
                      f" ({p.choice.get('searched', '')})")
-    comm = sim.send_recv_s + sim.sync_serial_s
+    lines.append(f"  memory strategy    {memory_strategy(p)}")
+    comm = sim.send_recv_s + sim.sync_serial_s + sim.gather_s
     if comm > 0:
         lines.append(f"  communication      {100 * sim.hidden_share:9.0f}% hidden under compute"
                      f" (send/recv + sync {comm * 1e3:.2f} ms, exposed"
-                     f" {(sim.send_recv_s + sim.sync_s) * 1e3:.2f} ms)")
+                     f" {(sim.send_recv_s + sim.sync_s + sim.gather_s) * 1e3:.2f} ms)")
     if baselines:
         lines.append("  baselines (simulated iteration, speedup of this plan):")
         for name, b in baselines.items():
@@ -51,7 +64,7 @@ def summary_text(res: PlanResult, baselines: dict[str, PlanResult | str]) -> str
                 continue
             lines.append(
                 f"    {name:<11} {_ms(b.simulation.makespan_s)}   "
-                f"x{b.simulation.makespan_s / sim.makespan_s:.2f}"
+                f"x{b.simulation.makespan_s / sim.makespan_s:.2f}   ({memory_strategy(b.plan)})"
             )
     lines.append("  waves (MetaOp[layers] x devices):")
     names = {m.id: m.name for m in p.metaops}

@@ -57,23 +57,27 @@ def _train(tmp_path: Path, workload: str, nproc: int, plan_label: str, steps: in
     return proc
 
 
-@pytest.mark.parametrize("workload, first, second", [
-    ("tiny-multitask-clip", (1, "spindle"), (3, "optimus")),
-    ("tiny-ofasys", (4, "sequential"), (2, "spindle")),
-    ("tiny-qwen-val", (2, "spindle"), (1, "mixed")),
+@pytest.mark.parametrize("workload, first, second, zero", [
+    ("tiny-multitask-clip", (1, "spindle"), (3, "optimus"), ("0", "0")),
+    ("tiny-ofasys", (4, "sequential"), (2, "spindle"), ("2", "0")),
+    ("tiny-qwen-val", (2, "spindle"), (1, "mixed"), ("0", "0")),
+    ("tiny-qwen-val", (2, "mixed"), (4, "spindle"), ("1", "2")),
 ])
 def test_resume_on_another_plan_and_world_size_equals_one_run(
-    tmp_path: Path, workload: str, first: tuple[int, str], second: tuple[int, str]
+    tmp_path: Path, workload: str, first: tuple[int, str], second: tuple[int, str],
+    zero: tuple[str, str],
 ) -> None:
+    """ZeRO's sharded AdamW state is saved whole, by name: it resumes on any stage too."""
     ckpt = tmp_path / "ckpt"
-    _train(tmp_path, workload, *first, 3, ckpt, ["--checkpoint-every", "2"])
+    _train(tmp_path, workload, *first, 3, ckpt, ["--checkpoint-every", "2", "--zero", zero[0]])
     proc = _train(tmp_path, workload, *second, TOTAL, ckpt, ["--resume", "--save",
-                                                             str(tmp_path / "out")])
+                                                             str(tmp_path / "out"),
+                                                             "--zero", zero[1]])
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr, proc.stderr[-2000:]
     want_state: dict[str, dict[str, torch.Tensor]] = {}
     want = train_reference(load_workload(workload), SEED, TOTAL, dtype=torch.float64,
                            optimizer_state=want_state)
-    label = f"{workload} {first} -> {second}"
+    label = f"{workload} {first} -> {second}, ZeRO {zero}"
     assert_matches(torch.load(tmp_path / "out" / "params.pt"), want, 1e-9, 1e-9, label)
     folder, manifest, _ = find_latest(ckpt)
     assert manifest.step == TOTAL and folder.name == "step-00000006"

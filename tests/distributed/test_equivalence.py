@@ -3,8 +3,9 @@
 For every shipped tiny workload on 1, 2 and 4 ranks (torchrun, gloo on CPU), the plans of the
 ``spindle``, ``sequential`` and ``optimus`` planners plus two hand-written plans are trained for
 3 optimizer steps in ONE launch per (workload, world size) (``spindle.train`` accepts several
-``--plan`` files), and every saved parameter must equal :func:`train_reference`'s in float64
-to 1e-9.  One more launch per workload checks float32 against a float32 reference.
+``--plan`` files), each also with ZeRO (:func:`zero_plans`), and every saved parameter must
+equal :func:`train_reference`'s in float64 to 1e-9.  One more launch per workload checks
+float32 against a float32 reference.
 
 The hand-written plans are :mod:`tests.plans`'.  The multi-rank launches take about 5-15 s each
 on 2 CPU cores.
@@ -12,6 +13,7 @@ on 2 CPU cores.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,6 +60,17 @@ def _train_plans(tmp_path: Path, workload: str, nproc: int, plans: dict[str, Pla
     return out
 
 
+def zero_plans(plans: dict[str, Plan]) -> dict[str, Plan]:
+    """ZeRO variants: every plan at stage 2, the mixed plan (uneven groups) at stage 1 and with
+    a stage per MetaOp (0, 1, 2 in turn: pools of MetaOps that share parameters take the
+    highest)."""
+    out = {f"{k}-zero2": replace(p, zero={m.id: 2 for m in p.metaops}) for k, p in plans.items()}
+    mixed = plans["mixed"]
+    out["mixed-zero1"] = replace(mixed, zero={m.id: 1 for m in mixed.metaops})
+    out["mixed-zero-each"] = replace(mixed, zero={m.id: m.id % 3 for m in mixed.metaops})
+    return out
+
+
 # --- the equivalence tests ---------------------------------------------------------------------
 
 
@@ -68,6 +81,7 @@ def test_every_plan_trains_like_one_process_float64(
 ) -> None:
     w = load_workload(workload)
     plans = all_plans(w, nproc)
+    plans.update(zero_plans(plans))
     # the most demanding sync schedule: one bucket per ready point, each all-reduced from inside
     # the backward as soon as its layer has run (the default on CUDA; CPU's is "wave")
     out = _train_plans(tmp_path, workload, nproc, plans, "float64",

@@ -1,5 +1,7 @@
-"""Memory model: parameters counted once per device, activation peak, ZeRO-1 option, and the
+"""Memory model: parameters counted once per device, activation peak, ZeRO stages, and the
 model against torch's measured peak on the tiny workloads (CPU)."""
+
+import dataclasses
 
 import pytest
 
@@ -29,7 +31,8 @@ def _one_device_plan(w, g):
 
 
 def test_bytes_per_parameter():
-    assert MIXED_BF16.state_bytes_per_param == 16  # 2 + 2 + 4 + 4 + 4
+    # fp32 masters 4 + fp32 grads 4 + moments 8 + autocast's bf16 compute copy 2
+    assert MIXED_BF16.state_bytes_per_param == 18
     assert FP32.state_bytes_per_param == 16  # 4 + 4 + 4 + 4
     assert memory_model_for("fp32") == FP32
     with pytest.raises(ValueError, match="precision"):
@@ -81,7 +84,7 @@ def test_activation_peak_of_a_hand_made_plan():
         params[d] = sum(sum(g.provider.module_sizes(vis.layers[i]).values()) for i in layers)
     for d in (0, 1):
         dm = rep.devices[d]
-        assert dm.param_bytes == 16 * params[d]
+        assert dm.param_bytes == 18 * params[d]
         assert dm.total_bytes == dm.param_bytes + dm.activation_bytes + dm.transient_bytes
     assert rep.peak_bytes == rep.devices[0].total_bytes
     assert rep.imbalance == pytest.approx(rep.peak_bytes / rep.mean_bytes)
@@ -97,20 +100,34 @@ def test_a_contrastive_loss_runs_on_its_first_device_only():
     assert rep.devices[0].total_bytes == 0
 
 
-def test_zero1_shards_optimizer_states_over_the_group():
+@pytest.mark.parametrize("stage, per_param", [(1, 4 + 2 + 4 + 8 / 4), (2, 4 + 2 + 12 / 4)])
+def test_zero_shards_optimizer_states_and_gradients_over_the_group(stage, per_param):
     w = load_workload("tiny-multitask-clip")
     g = contract(w)
     vis = g.metaops[0]
     waves = [Wave((Slice(vis.id, 0, 3, (0, 1, 2, 3)),))]
     p = _plan(w, g, waves, 4)
     plain = memory_report(p, g, MIXED_BF16).devices[0]
-    zero = memory_report(p, g, memory_model_for("bf16-mixed", shard_optimizer=True)).devices[0]
-    assert plain.param_bytes == 16 * plain.num_params
-    assert zero.param_bytes == pytest.approx((2 + 2 + 12 / 4) * plain.num_params)
+    zero = memory_report(p, g, memory_model_for("bf16-mixed", zero=stage)).devices[0]
+    assert plain.param_bytes == 18 * plain.num_params
+    assert zero.param_bytes == pytest.approx(per_param * plain.num_params)
+    # the plan's per-MetaOp stage is the same as the override for that MetaOp
+    own = memory_report(dataclasses.replace(p, zero={vis.id: stage}), g, MIXED_BF16).devices[0]
+    assert own.param_bytes == pytest.approx(zero.param_bytes)
     # the ledger's running charge is an upper bound of the final share
-    ledger = MemoryLedger(g, memory_model_for("bf16-mixed", shard_optimizer=True), 4)
+    ledger = MemoryLedger(g, memory_model_for("bf16-mixed", zero=stage), 4)
     ledger.add(waves[0].slices[0])
     assert ledger.param_bytes[0] >= zero.param_bytes - 1e-6
+
+
+def test_a_pool_on_one_device_is_never_sharded():
+    w = load_workload("tiny-multitask-clip")
+    g = contract(w)
+    vis = g.metaops[0]
+    p = _plan(w, g, [Wave((Slice(vis.id, 0, 3, (0,)),))], 1)
+    plain = memory_report(p, g, FP32).devices[0]
+    sharded = memory_report(dataclasses.replace(p, zero={vis.id: 2}), g, FP32).devices[0]
+    assert sharded.param_bytes == plain.param_bytes == 16 * plain.num_params
 
 
 # --- the model against torch's allocator on CPU -------------------------------------------------

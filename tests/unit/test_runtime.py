@@ -422,7 +422,7 @@ def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) ->
                         overlap_sync=False, min_bucket_bytes=7, progress=False,
                         data_workers=2, checkpoint_dir="ck", checkpoint_every=4, keep=1,
                         resume=True, sync_start="wave", recompute=True, precision="fp64",
-                        reduce_dtype="bf16")
+                        reduce_dtype="bf16", zero=2)
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(RunConfig))
     launcher_args = parser.parse_args(["tiny-ofasys", *changed.to_argv()])
     entry_args = build_parser().parse_args(train_arguments(launcher_args, plan))
