@@ -77,10 +77,11 @@ def main() -> None:
     print("| N | memory model | peak GB | mean GB | placement with the limit |")
     print("|---|---|---|---|---|")
     for n in (32, 64):
-        for label, opts in (("bf16 + AdamW, 16 B/param (default)", {}),
-                            ("+ ZeRO-1 optimizer sharding", {"shard_optimizer": True}),
-                            ("+ ZeRO-1 + activation recompute",
-                             {"shard_optimizer": True, "recompute": True})):
+        for label, opts in (("bf16-mixed + AdamW, 18 B/param, no strategy", {"zero": 0}),
+                            ("+ ZeRO-1 optimizer sharding", {"zero": 1}),
+                            ("+ ZeRO-2 gradients sharded too", {"zero": 2}),
+                            ("+ ZeRO-2 + activation recompute", {"zero": 2, "recompute": True}),
+                            ("the planner's choice (default)", {})):
             ctx = make_context("qwen-val-3", n, hardware=args.hardware, check_memory=False,
                                **opts)
             r = evaluate(ctx, "spindle")

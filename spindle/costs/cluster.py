@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from spindle.costs.hardware import (
     _read_yaml as read_yaml,  # same YAML reading, one-line errors
 )
 from spindle.costs.memory import MemoryModel, memory_model_for
+from spindle.plan.layout import SYNC_BUCKET_BYTES
 from spindle.validation import format_validation_error
 
 Precision = Literal["bf16-mixed", "fp32"]
@@ -97,7 +98,10 @@ class Cluster:
 
     def memory_model(self, zero: int = 0) -> MemoryModel:
         """Bytes per parameter and per activation element for this cluster's precision."""
-        return memory_model_for(self.precision, zero=zero)
+        model = memory_model_for(self.precision, zero=zero)
+        if self.hardware.name != "cpu":  # the runtime's layer-granular sync start (CUDA)
+            model = replace(model, gradient_in_flight_bytes=3.0 * SYNC_BUCKET_BYTES)
+        return model
 
     def describe(self) -> str:
         return (

@@ -18,10 +18,15 @@ Per device, two parts:
   ZeRO (the plan's per-MetaOp stage, :func:`spindle.plan.layout.zero_stages`; the runtime's
   :mod:`spindle.runtime.zero`): stage 1 splits each sharded parameter's optimizer states evenly
   over its device group (all devices that hold it), so a device pays ``optimizer_bytes /
-  |group|`` for it; stage 2 splits its gradient bytes too.  The weights (and the compute copy)
-  stay whole on every device.  Sharding moves about the same bytes: the all-reduce becomes a
-  reduce-scatter of gradients + an all-gather of updated weights (ZeRO paper section 7.2.1), but
-  the all-gather runs after the step (the simulator charges it there).
+  |group|`` for it; stage 2 splits its gradient bytes too, but the full gradients of the keys a
+  slice computes live through that slice's backward, next to the buffer they are
+  reduce-scattered from (:class:`spindle.runtime.zero.Stage2Sync`): twice their bytes join the
+  slice's transient, at most ``gradient_in_flight_bytes`` (three sync buckets where the sync
+  starts layer by layer, the GPU presets; all of them with the CPU's wave-granular start).
+  The weights (and the compute copy) stay whole on every device.  Sharding moves about the
+  same bytes (the all-reduce becomes a reduce-scatter of gradients + an all-gather of updated
+  weights, ZeRO paper section 7.2.1), but the all-gather runs after the step, and stage 2
+  reduce-scatters once per wave computing the gradients (the simulator charges both).
 
 * **Activations**.  Waves run forward in order, then backward in reverse, so what a forward
   slice saves for backward stays alive until the backward pass reaches it: the peak is at the
@@ -97,6 +102,9 @@ class MemoryModel:
     optimizer_bytes: int
     activation_bytes: int
     copy_bytes: int = 0  # a compute copy of every weight kept for backward (autocast's)
+    # ZeRO-2: full gradients alive at once in a slice's backward (inf: all of the slice's, as
+    # with the wave-granular sync start; the layer start keeps about three buckets' worth)
+    gradient_in_flight_bytes: float = float("inf")
     zero: int = 0  # ZeRO stage of every MetaOp (the --zero override)
     zero_metaops: tuple[tuple[int, int], ...] = ()  # (MetaOp, stage): a plan's, per MetaOp
     flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
@@ -292,6 +300,7 @@ class MemoryLedger:
         self.saved = np.zeros(self.num_devices)
         self.transient = np.zeros(self.num_devices)
         self.metaops_on = [[] for _ in range(self.num_devices)]
+        self._log: list[tuple[np.ndarray, np.ndarray, float]] = []  # (devices, keys, transient)
 
     @property
     def total(self) -> np.ndarray:
@@ -321,7 +330,16 @@ class MemoryLedger:
         held = per_key @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
         new_params = per_key.sum() - held
         act = slice_activation(self.graph.metaops, m, l0, l1, n, self.model)
-        return new_params + act.saved + np.maximum(act.transient - self.transient, 0.0)
+        transient = act.transient + self._gradient_transient(ids, self.stage)
+        return new_params + act.saved + np.maximum(transient - self.transient, 0.0)
+
+    def _gradient_transient(self, ids: np.ndarray, stage: np.ndarray) -> float:
+        """ZeRO-2: the full gradients of a slice's sharded keys and the buffer they are
+        reduce-scattered from, alive through its backward."""
+        assert self.index is not None
+        sharded = ids[stage[ids] >= 2]
+        return min(2.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
+                   self.model.gradient_in_flight_bytes)
 
     def add(self, s: Slice) -> None:
         m = self.graph.metaops[s.metaop]
@@ -334,7 +352,9 @@ class MemoryLedger:
         self.param_bytes[devs] += per_key @ ~self.holds[at]  # the keys each device takes anew
         self.holds[at] = True
         self.saved[devs] += act.saved
-        self.transient[devs] = np.maximum(self.transient[devs], act.transient)
+        transient = act.transient + self._gradient_transient(ids, self.stage)
+        self.transient[devs] = np.maximum(self.transient[devs], transient)
+        self._log.append((devs, ids, act.transient))
         for d in devs.tolist():
             self.metaops_on[d].append(s.metaop)
 
@@ -347,8 +367,14 @@ class MemoryLedger:
         stage = zero_stages(self.index, self.zero, self.holds)
         per_key = self.index.grad_sizes * m.trained_bytes(stage, self.holds.sum(axis=1))
         param_bytes = counts * (m.weight_bytes + m.copy_bytes) + per_key @ self.holds
+        transient = self.transient
+        if (stage >= 2).any():  # the gradient transients under the final (pool) stages
+            transient = np.zeros(self.num_devices)
+            for devs, ids, act_t in self._log:
+                t = act_t + self._gradient_transient(ids, stage)
+                transient[devs] = np.maximum(transient[devs], t)
         devices = [
-            DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(self.transient[d]),
+            DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(transient[d]),
                          float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])))
             for d in range(self.num_devices)
         ]

@@ -27,7 +27,9 @@ Everything here follows from the plan alone (no torch):
 * **ZeRO.**  The plan's per-MetaOp stage applies to whole pools (:func:`zero_stages`): a sharded
   pool's buckets are reduce-scattered over its group instead of all-reduced, each member steps
   AdamW on its contiguous 1/|D| of every bucket, and the updated shards are all-gathered after
-  the step.
+  the step.  At stage 2 a bucket is reduce-scattered after the backward of every wave that
+  computes its gradients (:func:`scatter_waves`) and the gradients freed, as ZeRO-2 does per
+  micro-batch.
 """
 
 from __future__ import annotations
@@ -281,15 +283,38 @@ def zero_stages(index: ParameterIndex, zero: Mapping[int, int], holds: np.ndarra
     return stage
 
 
+def scatter_waves(plan: Plan, index: ParameterIndex, keys: Sequence[int],
+                  use: np.ndarray | None = None) -> tuple[int, ...]:
+    """The waves whose backward computes gradients of some of ``keys`` (descending: backward
+    order).  ZeRO-2 reduce-scatters a sharded bucket after each of them and frees its gradients,
+    so a full gradient lives only through one wave's backward.  ``use``: the plan's
+    :func:`wave_use`, when already known."""
+    use = wave_use(plan, index) if use is None else use
+    hit = use[np.asarray(keys, dtype=np.int64)].any(axis=0)
+    return tuple(int(w) for w in np.flatnonzero(hit)[::-1])
+
+
+def wave_use(plan: Plan, index: ParameterIndex) -> np.ndarray:
+    """``[keys, waves]``: whether some slice of the wave uses the key."""
+    use = np.zeros((len(index), len(plan.waves)), dtype=bool)
+    for ref, s in iter_slices(plan.waves):
+        use[index.slice_ids(s.metaop, s.layer_start, s.layer_end), ref.wave] = True
+    return use
+
+
 def metaop_stages(index: ParameterIndex, zero: Mapping[int, int]) -> np.ndarray:
     """Per key, the highest stage of the MetaOps using it (before the pool rule of
-    :func:`zero_stages`)."""
-    stage = np.zeros(len(index), dtype=np.int64)
-    for m, st in zero.items():
-        if st:
+    :func:`zero_stages`); cached on the index per choice (a copy is returned)."""
+    key = tuple(sorted((m, st) for m, st in zero.items() if st))
+    cache = index.__dict__.setdefault("_stage_cache", {})
+    stage = cache.get(key)
+    if stage is None:
+        stage = np.zeros(len(index), dtype=np.int64)
+        for m, st in key:
             for ids in index.layer_ids[m]:
                 stage[ids] = np.maximum(stage[ids], st)
-    return stage
+        cache[key] = stage
+    return stage.copy()
 
 
 # --- sync buckets -------------------------------------------------------------------------------

@@ -60,10 +60,12 @@ from spindle.plan.layout import (
     parameter_use,
     pieces,
     ready_fractions,
+    scatter_waves,
     slice_inputs,
     slice_rows,
     sync_buckets,
     value_elements,
+    wave_use,
     zero_stages,
 )
 
@@ -382,10 +384,13 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
     index = index or graph.parameter_index
     use = parameter_use(plan, index)
     stage = zero_stages(index, plan.zero, use[0])
+    waves = wave_use(plan, index) if (stage >= 2).any() else None
     for group, ids in parameter_pools(use[0]).items():
         nbytes = float(index.grad_sizes[ids].sum()) * links.grad_bytes
         st = int(stage[ids[0]])
-        t = links.sync_s(nbytes, group, st)
+        # ZeRO-2: one reduce-scatter after every wave that computes the pool's gradients
+        again = len(scatter_waves(plan, index, ids, waves)) if st >= 2 else 1
+        t = links.sync_s(nbytes, group, st) * again
         # ZeRO: the updated shards travel back after the step, in the parameters' dtype
         g = links.reduce_scatter_s(nbytes / links.grad_bytes * links.param_bytes,
                                    group) if st else 0.0
@@ -425,7 +430,9 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     fraction = ready_fractions(plan, index, ready) if links.sync_start == "layer" else None
     buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
                            links.sync_min_bucket_bytes, fraction,
-                           zero_stages(index, plan.zero, holds))
+                           zero_stages(index, plan.zero, holds) if plan.zero else None)
+    stage = zero_stages(index, plan.zero, holds)
+    waves = wave_use(plan, index) if (stage >= 2).any() else None
     for b in buckets:
         # final once the wave's backward has run b.ready_fraction of it (its slices start
         # together; a slice shorter than its wave makes this conservative)
@@ -433,7 +440,9 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
         if b.ready_wave in done_after:
             final -= (1.0 - b.ready_fraction) * links.backward_share * wave_compute[b.ready_wave]
         start = max([final] + [free[d] for d in b.group])
-        end = start + links.sync_s(b.nbytes, b.group, b.stage)
+        # ZeRO-2's earlier reduce-scatters (one per wave computing it) are charged here too
+        again = len(scatter_waves(plan, index, b.keys, waves)) if b.stage >= 2 else 1
+        end = start + links.sync_s(b.nbytes, b.group, b.stage) * again
         for d in b.group:
             free[d] = end
         finish = max(finish, end)

@@ -59,10 +59,19 @@ from spindle.plan.layout import (
     parameter_pools,
     parameter_use,
     ready_fractions,
+    scatter_waves,
     sync_buckets,
     zero_stages,
 )
-from spindle.runtime.zero import BucketScatter, Shard, full_state, gather_updated, load_state
+from spindle.runtime.zero import (
+    BucketScatter,
+    Shard,
+    Stage2Sync,
+    WaveScatter,
+    full_state,
+    gather_updated,
+    load_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +156,31 @@ class ParameterGroups:
         element_bytes = torch.finfo(reduced).bits // 8 if reduced.is_floating_point else 1
         # frozen parameters have no gradient to sync (the same rule on every rank)
         self.buckets: list[tuple[SyncBucket, tuple[str, ...]]] = []
-        # ZeRO: this rank's share of every sharded bucket (None for an all-reduced one)
+        # ZeRO: this rank's share of every sharded bucket (None for an all-reduced one); stage-2
+        # buckets are reduce-scattered after every wave that computes their gradients instead
+        # of in the ordered launch
         self.shards: list[Shard | None] = []
+        self.scatters: list[WaveScatter] = []
         stage = zero_stages(index, plan.zero, holds)
         for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes,
                               fraction, stage):
             names = tuple(n for k in b.keys for n in members[index.names[k]]
                           if trainable is None or trainable(n))
-            if rank in b.group and names:
-                self.buckets.append((b, names))
-                self.shards.append(Shard.of(
-                    b.stage, names, tuple(math.prod(self.shapes[n]) for n in names), b.group,
-                    rank, self._groups[b.group]) if b.stage else None)
-        self.sharded = {n for shard in self.shards if shard for n in shard.names}
+            if rank not in b.group or not names:
+                continue
+            shard = Shard.of(b.stage, names, tuple(math.prod(self.shapes[n]) for n in names),
+                             b.group, rank, self._groups[b.group]) if b.stage else None
+            if shard is not None and b.stage >= 2:
+                # without the per-wave callbacks (no overlap) one reduce-scatter at the end
+                waves = scatter_waves(plan, index, b.keys) if overlap else ()
+                self.scatters.append(WaveScatter(shard, waves, reduce_dtype))
+                continue
+            self.buckets.append((b, names))
+            self.shards.append(shard)
+        self.all_shards = [s for s in self.shards if s] + [w.shard for w in self.scatters]
+        self.stage2 = Stage2Sync(self.scatters, _names_used(plan, index, members, rank),
+                                 layer) if self.scatters else None
+        self.sharded = {n for shard in self.all_shards for n in shard.names}
         self._pending: list[BucketSum | BucketScatter] = []
         self._next = 0  # buckets[:_next] are launched this iteration
         # the layer-granular start: each bucket's parameters not yet final this iteration, and
@@ -186,9 +207,11 @@ class ParameterGroups:
         register the layer-granular start's post-accumulate-grad hooks on them (only with
         ``sync_start="layer"``)."""
         self._params = params
-        for shard in self.shards:
-            if shard is not None:
-                shard.bind(params)
+        for shard in self.all_shards:
+            shard.bind(params)
+        if self.stage2 is not None and self.stage2.layer:
+            for name in self.stage2.bucket_of:
+                params[name].register_post_accumulate_grad_hook(self._stage2_hook(name))
         for name in self._bucket_of:
             params[name].register_post_accumulate_grad_hook(self._hook(name))
 
@@ -202,10 +225,18 @@ class ParameterGroups:
                 self._launch_while(lambda k: self._waiting[k] == 0)
         return final
 
+    def _stage2_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def final(_: torch.Tensor) -> None:
+            assert self.stage2 is not None and self._params is not None
+            self.stage2.hook(name, self._params)
+        return final
+
     def begin_backward(self, wave: int) -> None:
         """The backward of ``wave`` starts (the hooks count a parameter final in the earliest
         wave that uses it on this rank)."""
         self._wave = wave
+        if self.stage2 is not None:
+            self.stage2.begin(wave)
 
     def launch_ready(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Start, in order, the all-reduce of every bucket whose gradients are final once the
@@ -213,6 +244,8 @@ class ParameterGroups:
         self._params = params
         self._launch_while(lambda k: self.buckets[k][0].ready_wave >= wave
                            or (bool(self._waiting) and self._waiting[k] == 0))
+        if self.stage2 is not None:
+            self.stage2.end(wave, params)
 
     def _launch_while(self, ready: Callable[[int], bool]) -> None:
         """Launch buckets from the next one on, in order, while ``ready`` holds."""
@@ -237,11 +270,12 @@ class ParameterGroups:
         self._params = params
         self._launch_while(lambda k: True)
         for pending in self._pending:
-            if isinstance(pending, BucketScatter):
-                pending.wait(params)
-            else:
-                pending.wait()
+            pending.wait()
         nbytes = sum(pending.nbytes for pending in self._pending)
+        for scatter in self.scatters:
+            if not scatter.waves:
+                scatter.launch(params)
+        nbytes += sum(scatter.finish() for scatter in self.scatters)
         self._pending, self._next, self._wave = [], 0, -1
         self._waiting = [len(names) for _, names in self.buckets] if self._bucket_of else []
         return nbytes
@@ -252,20 +286,20 @@ class ParameterGroups:
         sharded pool's parameters are replaced by this rank's share of them (views)."""
         out: list[torch.Tensor] = [p for n, p in params.items()
                                    if p.requires_grad and n not in self.sharded]
-        return out + [v for shard in self.shards if shard for v in shard.views]
+        return out + [v for shard in self.all_shards for v in shard.views]
 
     def zero_grad(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Drop every gradient: the parameters' and the shares'."""
         for p in params.values():
             p.grad = None
-        for shard in self.shards:
-            for v in shard.views if shard else ():
+        for shard in self.all_shards:
+            for v in shard.views:
                 v.grad = None
 
     def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> int:
         """All-gather the updated shares into the whole parameters (collective; nothing without
         ZeRO); returns the bytes this rank sent."""
-        return gather_updated([s for s in self.shards if s], params) if self.sharded else 0
+        return gather_updated(self.all_shards, params) if self.sharded else 0
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer,
                         params: Mapping[str, torch.nn.Parameter]
@@ -274,7 +308,7 @@ class ParameterGroups:
         with ZeRO: the shares are gathered)."""
         out = {n: dict(optimizer.state[p]) for n, p in params.items()
                if n not in self.sharded and p in optimizer.state}
-        out.update(full_state([s for s in self.shards if s], optimizer, params))
+        out.update(full_state(self.all_shards, optimizer, params))
         return out
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
@@ -284,7 +318,7 @@ class ParameterGroups:
         for n, st in state.items():
             if n not in self.sharded:
                 optimizer.state[params[n]] = dict(st)
-        load_state([s for s in self.shards if s], optimizer, state)
+        load_state(self.all_shards, optimizer, state)
 
     def _grads(self, params: Mapping[str, torch.nn.Parameter]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -298,8 +332,8 @@ class ParameterGroups:
                 every.append(p.grad)
                 if self.device_groups[name][0] == self.rank:
                     mine.append(p.grad)
-        for shard in self.shards:
-            for v in shard.views if shard else ():
+        for shard in self.all_shards:
+            for v in shard.views:
                 if v.grad is not None:
                     every.append(v.grad)
                     mine.append(v.grad)
@@ -347,6 +381,19 @@ class ParameterGroups:
         if self.rank != dst:
             return None
         return {name: result[name].cpu().clone() for name in sorted(result)}
+
+
+def _names_used(plan: Plan, index: ParameterIndex,
+                members: Mapping[str, Mapping[str, tuple[int, ...]]], rank: int
+                ) -> dict[int, set[str]]:
+    """Per wave, the parameters (logical names) of the slice ``rank`` executes in it."""
+    out: dict[int, set[str]] = {}
+    for ref, s in iter_slices(plan.waves):
+        if rank in executing_devices(plan.metaops[s.metaop], s.devices):
+            ids = index.slice_ids(s.metaop, s.layer_start, s.layer_end)
+            out.setdefault(ref.wave, set()).update(
+                n for k in ids.tolist() for n in members[index.names[k]])
+    return out
 
 
 def _earliest_local_wave(plan: Plan, index: ParameterIndex, rank: int) -> np.ndarray:

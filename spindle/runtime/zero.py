@@ -6,9 +6,10 @@ gradients are *reduce-scattered* over ``D`` instead of all-reduced, and member `
 (by rank order) steps AdamW on its contiguous share ``[k*c, (k+1)*c)`` of the bucket flattened
 (``c = ceil(elements / |D|)``), so it holds the AdamW state of that share only (ZeRO stage 1).
 After the step every member sends its updated share to the others (one all-gather per bucket),
-so the replicas stay equal.  Stage 2 also frees the full-size gradients of a bucket as soon as its
-reduce-scatter has finished: the reduced share is all that is kept (Rajbhandari et al., "ZeRO",
-SC'20, sections 5.1-5.2).
+so the replicas stay equal.  Stage 2 (:class:`WaveScatter`) reduce-scatters a bucket after the
+backward of every wave that computes its gradients and frees them at once, summing the reduced
+shares: a full gradient lives through one wave's backward only, the share is all that is kept
+(Rajbhandari et al., "ZeRO", SC'20, sections 5.1-5.2).
 
 The AdamW "parameters" of a share are :class:`Shard` views: leaf tensors sharing the storage of
 the real parameters (``p.detach().view(-1)[lo:hi]``), so the optimizer updates the parameters in
@@ -111,9 +112,9 @@ class Shard:
 
 
 class BucketScatter:
-    """One sharded bucket's asynchronous reduce-scatter (SUM): the gradients flattened and
+    """One stage-1 bucket's asynchronous reduce-scatter (SUM): the gradients flattened and
     padded, the collective started; :meth:`wait` hands this rank's reduced share to the share's
-    views as their gradients (and, at stage 2, frees the full-size gradients)."""
+    views as their gradients."""
 
     def __init__(self, grads: list[torch.Tensor], shard: Shard,
                  dtype: torch.dtype | None = None) -> None:
@@ -130,13 +131,112 @@ class BucketScatter:
         self.work = dist.reduce_scatter_tensor(self.out, flat, op=dist.ReduceOp.SUM,
                                                group=shard.group, async_op=True)
 
-    def wait(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+    def wait(self) -> None:
         self.work.wait()
         for piece, view in zip(self.shard.pieces, self.shard.views):
             view.grad = self.out[piece.at:piece.at + piece.hi - piece.lo].to(view.dtype)
-        if self.shard.stage >= 2:
-            for name in self.shard.names:
-                params[name].grad = None
+
+
+class WaveScatter:
+    """A stage-2 bucket: reduce-scattered after the backward of every wave that computes its
+    gradients (:func:`spindle.plan.layout.scatter_waves`, the same waves on every member), its
+    full gradients freed at once and the reduced shares summed, so a full gradient lives only
+    through one wave's backward (ZeRO-2, as DeepSpeed reduces per micro-batch)."""
+
+    def __init__(self, shard: Shard, waves: tuple[int, ...],
+                 dtype: torch.dtype | None = None) -> None:
+        self.shard = shard
+        self.waves = frozenset(waves)
+        self.dtype = dtype  # the reduce-scatter's (None: the gradients')
+        self.acc: torch.Tensor | None = None
+        self.pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []
+        self.nbytes = 0
+
+    def launch(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Reduce-scatter the gradients computed so far (zeros where none) and free them."""
+        first = params[self.shard.names[0]]
+        flat = first.detach().new_zeros(self.shard.padded, dtype=self.dtype or first.dtype)
+        offset = 0
+        for name, numel in zip(self.shard.names, self.shard.numels):
+            p = params[name]
+            if p.grad is not None:
+                flat[offset:offset + numel] = p.grad.reshape(-1)
+                p.grad = None
+            offset += numel
+        out = flat.new_empty(self.shard.size)
+        self.nbytes += flat.numel() * flat.element_size()
+        work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM,
+                                          group=self.shard.group, async_op=True)
+        self.pending.append((work, out, flat))
+
+    def drain(self, block: bool = True) -> None:
+        """Add up the shares of the reduce-scatters in flight, in launch order (the sum is the
+        same on every run); without ``block`` only those already finished at the front."""
+        while self.pending:
+            work, out, _ = self.pending[0]
+            if not block and not work.is_completed():
+                return
+            work.wait()
+            if self.acc is None:
+                self.acc = out.to(self.shard.views[0].dtype if self.shard.views else out.dtype)
+            else:
+                self.acc += out.to(self.acc.dtype)
+            self.pending.pop(0)
+
+    def finish(self) -> int:
+        """Hand the summed share to the views as their gradients; returns the bytes sent."""
+        self.drain()
+        assert self.acc is not None, "a stage-2 bucket was never reduce-scattered"
+        for piece, view in zip(self.shard.pieces, self.shard.views):
+            view.grad = self.acc[piece.at:piece.at + piece.hi - piece.lo]
+        self.acc = None
+        nbytes, self.nbytes = self.nbytes, 0
+        return nbytes
+
+
+class Stage2Sync:
+    """This rank's stage-2 buckets through one backward.  In the backward of wave ``w`` the
+    buckets with ``w`` among their waves are reduce-scattered in one order (the same on every
+    rank): a bucket as soon as every one of its parameters this rank's slice of ``w`` uses has
+    its gradient for ``w`` (from post-accumulate-grad hooks, with ``layer``; a rank runs one
+    slice, so one backward, per wave) and every earlier bucket has gone, the rest when the
+    wave's backward ends.  Finished reduce-scatters are collected without waiting, so a
+    bucket's buffer is freed as the backward goes on."""
+
+    def __init__(self, scatters: list[WaveScatter], uses: Mapping[int, set[str]],
+                 layer: bool) -> None:
+        self.scatters = scatters
+        self.layer = layer
+        waves = sorted({w for s in scatters for w in s.waves})
+        self.order = {w: [i for i, s in enumerate(scatters) if w in s.waves] for w in waves}
+        self.need = {(i, w): len(set(scatters[i].shard.names) & uses.get(w, set()))
+                     for w in waves for i in self.order[w]}
+        self.bucket_of = {n: i for i, s in enumerate(scatters) for n in s.shard.names}
+        self.wave = -1
+        self.next = 0
+        self.left: dict[int, int] = {}
+
+    def begin(self, wave: int) -> None:
+        self.wave, self.next = wave, 0
+        self.left = {i: self.need[(i, wave)] for i in self.order.get(wave, ())}
+
+    def hook(self, name: str, params: Mapping[str, torch.nn.Parameter]) -> None:
+        i = self.bucket_of.get(name)
+        if self.layer and i is not None and i in self.left:
+            self.left[i] -= 1
+            self._issue(params, force=False)
+
+    def end(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
+        if wave == self.wave:
+            self._issue(params, force=True)
+
+    def _issue(self, params: Mapping[str, torch.nn.Parameter], force: bool) -> None:
+        order = self.order.get(self.wave, [])
+        while self.next < len(order) and (force or self.left[order[self.next]] <= 0):
+            self.scatters[order[self.next]].launch(params)
+            self.next += 1
+        for s in self.scatters:
+            s.drain(block=False)
 
 
 def gather_updated(shards: list[Shard], params: Mapping[str, torch.nn.Parameter]) -> int:
@@ -195,4 +295,5 @@ def load_state(shards: list[Shard], optimizer: torch.optim.Optimizer,
                    for key in MOMENTS}}
 
 
-__all__ = ["Shard", "BucketScatter", "gather_updated", "full_state", "load_state", "MOMENTS"]
+__all__ = ["Shard", "BucketScatter", "WaveScatter", "Stage2Sync", "gather_updated", "full_state",
+           "load_state", "MOMENTS"]
