@@ -403,8 +403,11 @@ def sync_buckets(
             continue
         ordered = sorted(ids, key=lambda i: (-waves[i], frac[i], index.names[i]))
         nbytes = {i: float(index.grad_sizes[i]) * element_bytes for i in ordered}
+        # ZeRO-2 reduce-scatters a bucket after every wave using any of its keys: a bucket per
+        # ready point, so that it holds keys the same waves use
+        sharded = stage is not None and int(stage[ids[0]]) >= 2
         for run in sync_bucket_runs([(i, (waves[i], frac[i]), nbytes[i]) for i in ordered],
-                                    bucket_bytes, min_bucket_bytes):
+                                    bucket_bytes, 0 if sharded else min_bucket_bytes):
             # the last key is final last: the lowest wave, and in it the largest fraction
             out.append(SyncBucket(group, tuple(run), sum(nbytes[i] for i in run),
                                   waves[run[-1]], frac[run[-1]],

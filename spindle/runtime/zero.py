@@ -120,12 +120,12 @@ class BucketScatter:
                  dtype: torch.dtype | None = None) -> None:
         self.shard = shard
         self.grads = grads
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if dtype is not None:
-            flat = flat.to(dtype)
-        pad = shard.padded - flat.numel()
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
+        # one padded buffer (a cat, then a padded copy, would hold the bucket twice)
+        flat = grads[0].new_zeros(shard.padded, dtype=dtype or grads[0].dtype)
+        offset = 0
+        for g in grads:
+            flat[offset:offset + g.numel()] = g.reshape(-1)
+            offset += g.numel()
         self.out = flat.new_empty(shard.size)
         self.nbytes = flat.numel() * flat.element_size()
         self.work = dist.reduce_scatter_tensor(self.out, flat, op=dist.ReduceOp.SUM,
@@ -149,10 +149,10 @@ class WaveScatter:
         self.waves = frozenset(waves)
         self.dtype = dtype  # the reduce-scatter's (None: the gradients')
         self.acc: torch.Tensor | None = None
-        self.pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []
+        self.pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor, int]] = []
         self.nbytes = 0
 
-    def launch(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+    def launch(self, params: Mapping[str, torch.nn.Parameter], wave: int = -1) -> None:
         """Reduce-scatter the gradients computed so far (zeros where none) and free them."""
         first = params[self.shard.names[0]]
         flat = first.detach().new_zeros(self.shard.padded, dtype=self.dtype or first.dtype)
@@ -167,13 +167,16 @@ class WaveScatter:
         self.nbytes += flat.numel() * flat.element_size()
         work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM,
                                           group=self.shard.group, async_op=True)
-        self.pending.append((work, out, flat))
+        self.pending.append((work, out, flat, wave))
 
-    def drain(self, block: bool = True) -> None:
+    def drain(self, block: bool = True, after: int | None = None) -> None:
         """Add up the shares of the reduce-scatters in flight, in launch order (the sum is the
-        same on every run); without ``block`` only those already finished at the front."""
+        same on every run); without ``block`` only those already finished at the front, with
+        ``after`` only (waiting for) those launched for waves above it."""
         while self.pending:
-            work, out, _ = self.pending[0]
+            work, out, _, wave = self.pending[0]
+            if after is not None and wave <= after:
+                return
             if not block and not work.is_completed():
                 return
             work.wait()
@@ -201,7 +204,11 @@ class Stage2Sync:
     its gradient for ``w`` (from post-accumulate-grad hooks, with ``layer``; a rank runs one
     slice, so one backward, per wave) and every earlier bucket has gone, the rest when the
     wave's backward ends.  Finished reduce-scatters are collected without waiting, so a
-    bucket's buffer is freed as the backward goes on."""
+    bucket's buffer is freed as the backward goes on (on NCCL; gloo reports a collective done
+    only once waited for).  When a wave's backward ends, the reduce-scatters of the waves
+    before it in backward are waited for: every member has launched those by then (it has
+    finished their waves' backward), so the wait cannot deadlock, and at most two waves'
+    buffers are ever alive."""
 
     def __init__(self, scatters: list[WaveScatter], uses: Mapping[int, set[str]],
                  layer: bool) -> None:
@@ -229,32 +236,41 @@ class Stage2Sync:
     def end(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
         if wave == self.wave:
             self._issue(params, force=True)
+        for s in self.scatters:
+            s.drain(after=wave)
 
     def _issue(self, params: Mapping[str, torch.nn.Parameter], force: bool) -> None:
         order = self.order.get(self.wave, [])
         while self.next < len(order) and (force or self.left[order[self.next]] <= 0):
-            self.scatters[order[self.next]].launch(params)
+            self.scatters[order[self.next]].launch(params, self.wave)
             self.next += 1
         for s in self.scatters:
             s.drain(block=False)
 
 
 def gather_updated(shards: list[Shard], params: Mapping[str, torch.nn.Parameter]) -> int:
-    """After the step: all-gather every shard's updated share into the whole parameters (all
-    buckets' collectives in flight together); returns the bytes this rank sent."""
-    pending = []
+    """After the step: all-gather every shard's updated share into the whole parameters (two
+    buckets' collectives in flight at a time, so the buffers stay small); returns the bytes
+    this rank sent."""
+    pending: list[tuple[Shard, torch.Tensor, dist.Work]] = []
+    nbytes = 0
+
+    def land(shard: Shard, full: torch.Tensor, work: dist.Work) -> None:
+        work.wait()
+        with torch.no_grad():
+            for name, flat in shard.whole(full).items():
+                params[name].view(-1).copy_(flat)
+
     for shard in shards:
         share = shard.flat([v.detach() for v in shard.views], params[shard.names[0]])
         full = torch.empty(shard.padded, dtype=share.dtype, device=share.device)
         pending.append((shard, full, dist.all_gather_into_tensor(
             full, share, group=shard.group, async_op=True)))
-    nbytes = 0
-    with torch.no_grad():
-        for shard, full, work in pending:
-            work.wait()
-            nbytes += shard.size * full.element_size()
-            for name, flat in shard.whole(full).items():
-                params[name].view(-1).copy_(flat)
+        nbytes += shard.size * full.element_size()
+        if len(pending) > 2:
+            land(*pending.pop(0))
+    for item in pending:
+        land(*item)
     return nbytes
 
 
