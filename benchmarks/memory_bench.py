@@ -8,7 +8,7 @@ Measured = what the rank holds when the step starts (parameters, gradients, Adam
 peak allocated above that during the step; modelled = :func:`spindle.costs.memory.memory_report`
 of the plan for that device.  Prints one row per (workload, strategy, rank) and the error.
 
-    .venv/bin/python benchmarks/memory_bench.py [--workloads W ...]
+    .venv/bin/python benchmarks/memory_bench.py [--workloads W ...] [--strategies S ...]
 
 The worker (``--worker``) is what each torchrun rank runs.
 """
@@ -89,6 +89,8 @@ def worker(workload: str, plans: list[str], out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(DEFAULT))
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -103,12 +105,14 @@ def main() -> None:
     print("| workload | strategy | rank | modelled MB | measured MB (held + step peak) | error |")
     print("|---|---|---:|---:|---:|---:|")
     errors = []
+    table = []
     for name in args.workloads:
         w = load_workload(name)
         g = contract(w)
         with tempfile.TemporaryDirectory() as tmp:
             plans, modelled = [], {}
-            for label, (zero, recompute) in STRATEGIES.items():
+            for label in args.strategies:
+                zero, recompute = STRATEGIES[label]
                 plan = make_plan(w, "sequential", 2, 2, "cpu", check_memory=False, zero=zero,
                                  recompute=recompute)
                 path = Path(tmp) / f"{label.replace(' + ', '+')}.json"
@@ -124,16 +128,20 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{name}: the ranks failed: {proc.stderr[-2000:]}")
             rows = [r for k in range(2) for r in json.loads(Path(f"{out}.{k}").read_text())]
-        for label in STRATEGIES:
+        for label in args.strategies:
             stem = label.replace(" + ", "+")
             for r in sorted((r for r in rows if r["plan"] == stem), key=lambda r: r["rank"]):
                 measured = r["held"] + r["peak"]
                 model = modelled[stem][r["rank"]]
                 err = (model - measured) / measured
                 errors.append(err)
+                table.append({"workload": name, "strategy": label, "rank": r["rank"],
+                              "modelled": model, "held": r["held"], "peak": r["peak"]})
                 print(f"| {name} | {label} | {r['rank']} | {model / 1e6:.3f} |"
                       f" {measured / 1e6:.3f} ({r['held'] / 1e6:.3f} + {r['peak'] / 1e6:.3f}) |"
                       f" {100 * err:+.1f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
     worst = max(errors, key=abs)
     print(f"\n{len(errors)} rows; worst error {100 * worst:+.1f}%, mean |error|"
           f" {100 * sum(map(abs, errors)) / len(errors):.1f}%")

@@ -4,8 +4,9 @@ Prints a markdown table: each planner's simulated iteration time, Spindle's spee
 `sequential` and over the best baseline, the share of communication hidden under compute, what
 starting gradient buckets inside a wave gains over starting them after it (the same search
 with ``sync_start="wave"``), the chosen plan's and the wavefront scheduler's schedule against
-C*, the candidate the sync-aware search chose, and planning time; then the self-scaling from 32
-to 64 devices and the planning time of a generated 100-task workload on 4096 devices.
+C*, the candidate the sync-aware search chose, and planning time (memory check off); then the
+self-scaling from 32 to 64 devices, every planner with the memory check on and the memory
+strategy it chose, and the planning time of a generated 100-task workload on 4096 devices.
 
     .venv/bin/python benchmarks/planner_bench.py [--hardware a800] [--devices 8 16 32 64]
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from spindle.declare.workload import Workload, workload_from_dict
 from spindle.plan.contract import schedule_length
 from spindle.planner.pipeline import BASELINES, evaluate, make_context
+from spindle.planner.placement import PlacementError
 from spindle.planner.registry import plan_waves
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
@@ -55,6 +57,35 @@ def generated_workload(num_tasks: int, seed: int = 0) -> Workload:
                       "loss": {"type": "contrastive", "inputs": ["a", "b"]}})
     return workload_from_dict({"name": f"generated-{num_tasks}", "components": comps,
                                "tasks": tasks})
+
+
+def memory_table(workloads: list[str], devices: list[int], hardware: str,
+                 planners: tuple[str, ...]) -> None:
+    """Every planner held to the devices' memory (80 GiB on the A800 model) with the memory
+    strategy it chose (the same search for all), or why it does not fit."""
+    print("\nWith the memory check (every planner gets the same strategy search; simulated"
+          " iteration in ms, then the chosen strategy):\n")
+    print("| workload | N | " + " | ".join(planners) + " | vs seq | vs best baseline |")
+    print("|---|---|" + "---|" * len(planners) + "---:|---:|")
+    for name in workloads:
+        for n in devices:
+            ctx = make_context(name, n, 8, hardware)
+            got: dict[str, float] = {}
+            cells = []
+            for p in planners:
+                try:
+                    r = evaluate(ctx, p)
+                except PlacementError as err:
+                    short = str(err).split("(short by ")[-1].split(")")[0]
+                    cells.append(f"does not fit (short by {short})")
+                    continue
+                got[p] = r.simulation.makespan_s
+                cells.append(f"{got[p] * 1e3:.0f} ({r.plan.choice.get('memory', '')})")
+            base = [got[p] for p in BASELINES if p in got]
+            vs_seq = (f"{got['sequential'] / got['spindle']:.2f}x"
+                      if "spindle" in got and "sequential" in got else "-")
+            vs_best = f"{min(base) / got['spindle']:.2f}x" if "spindle" in got and base else "-"
+            print(f"| {name} | {n} | " + " | ".join(cells) + f" | {vs_seq} | {vs_best} |")
 
 
 def main() -> None:
@@ -113,6 +144,8 @@ def main() -> None:
                                for p in planners)
             paper = "1.78x; <= 1.27x" if name == "qwen-val-3" else ""
             print(f"| {name} | {cells} | {paper} |")
+
+    memory_table(args.workloads, args.devices, args.hardware, planners)
 
     w = generated_workload(args.tasks)
     t0 = time.perf_counter()

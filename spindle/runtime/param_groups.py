@@ -271,6 +271,10 @@ class ParameterGroups:
         self._launch_while(lambda k: True)
         for pending in self._pending:
             pending.wait()
+            if isinstance(pending, BucketScatter):
+                # the local (unreduced) gradients are of no further use: the share is kept
+                for name in pending.shard.names:
+                    params[name].grad = None
         nbytes = sum(pending.nbytes for pending in self._pending)
         for scatter in self.scatters:
             if not scatter.waves:
