@@ -3,7 +3,7 @@
 For each workload, the ``sequential`` plan on 2 CPU ranks (every MetaOp on both devices, so every
 parameter pool is the group {0, 1} and ZeRO shards it in two) is made with each memory strategy
 (``--zero 0|1|2``, ``--recompute``, and combinations), trained by the runtime (gloo, fp32) for
-one step, and the next step profiled on every rank with ``torch.profiler``'s memory events.
+two steps, and the third step profiled on every rank with ``torch.profiler``'s memory events.
 Measured = what the rank holds when the step starts (parameters, gradients, AdamW state) + the
 peak allocated above that during the step; modelled = :func:`spindle.costs.memory.memory_report`
 of the plan for that device.  Prints one row per (workload, strategy, rank) and the error.
@@ -53,7 +53,7 @@ def _held_bytes(run: object) -> int:
 def worker(workload: str, plans: list[str], out: str) -> None:
     import torch
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from spindle.declare.workload import load_workload
     from spindle.plan.checks import load_plan
@@ -71,14 +71,26 @@ def worker(workload: str, plans: list[str], out: str) -> None:
         run.prepare_data(1)
         dist.barrier()
         held = _held_bytes(run)
+        # step 1 first, under the profiler too: its frees of what it allocated are recorded
+        # (the profiler records no free of a block allocated before it started), so step 2's
+        # peak above its own start is what the step really adds
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run.step(1)
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
+            run.prepare_data(2)
+            dist.barrier()
+            with record_function("measured step"):
+                run.step(2)
+        evs = list(prof.profiler.kineto_results.events())
+        (start, end), = [(e.start_ns(), e.end_ns()) for e in evs if e.name() == "measured step"]
         live = peak = 0
-        for _, nbytes in events:
+        base: int | None = None
+        for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in evs
+                                if e.name() == "[memory]"):
+            if t >= start and base is None:
+                base = live
             live += nbytes
-            peak = max(peak, live)
+            if base is not None and t <= end:
+                peak = max(peak, live - base)
         rows.append({"plan": Path(path).stem, "rank": rank, "held": held, "peak": peak})
         del run
     with open(f"{out}.{rank}", "w") as f:

@@ -65,13 +65,14 @@ through it, so the placement's capacity checks and the report agree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Collection, Literal, Mapping, Sequence
+from typing import Any, Collection, Literal, Mapping, Sequence
 
 import numpy as np
 
 from spindle.costs.graph import MetaGraph
 from spindle.plan.contract import MetaOp, Plan, Slice
 from spindle.plan.layout import (
+    SYNC_BUCKET_BYTES,
     ParameterIndex,
     executing_devices,
     local_rows,
@@ -224,9 +225,24 @@ def slice_activation(
 # --- per-device accounting --------------------------------------------------------------------
 
 
+def peak_bytes(states: Any, grads: Any, step_grads: Any, saved: Any, transient: Any,
+               gather: Any = 0.0, grad_transient: Any = 0.0) -> Any:
+    """A device's peak over the three moments of a step (floats or arrays alike): ``states``
+    (weights, compute copy, gradients, optimizer state) less the ``grads`` in them, plus the
+    largest of: the end of forward (every saved activation, no gradient: the step starts by
+    dropping them), the backward (every gradient: the activations are freed as it goes; the
+    largest transient either way), and AdamW's step (the gradients it reads, ``step_grads``,
+    and a temporary as large: ``foreach``'s square root of exp_avg_sq), and ZeRO's all-gather
+    of the updated shares after it (``gather``: its buffers).  ``grad_transient`` (ZeRO-2's
+    full gradients in flight) exists in the backward only."""
+    backward = np.maximum(saved, grads + grad_transient) + transient
+    return states - grads + np.maximum(np.maximum(backward, 2.0 * step_grads), gather)
+
+
 @dataclass
 class DeviceMemory:
-    """One device's peak: model states + saved activations + the largest transient (bytes)."""
+    """One device's peak (:func:`peak_bytes`): model states, saved activations, the largest
+    transient, and of the states the gradients alive in backward and those AdamW steps."""
 
     device: int
     param_bytes: float
@@ -234,10 +250,16 @@ class DeviceMemory:
     transient_bytes: float
     num_params: float
     metaops: tuple[int, ...]
+    grad_bytes: float = 0.0
+    step_grad_bytes: float = 0.0
+    gather_bytes: float = 0.0
+    grad_transient_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> float:
-        return self.param_bytes + self.activation_bytes + self.transient_bytes
+        return float(peak_bytes(self.param_bytes, self.grad_bytes, self.step_grad_bytes,
+                                self.activation_bytes, self.transient_bytes, self.gather_bytes,
+                                self.grad_transient_bytes))
 
 
 @dataclass
@@ -297,6 +319,9 @@ class MemoryLedger:
         self.stage = metaop_stages(self.index, self.zero)  # before the pool rule
         self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
         self.param_bytes = np.zeros(self.num_devices)
+        self.grads = np.zeros(self.num_devices)  # of param_bytes: the gradients in backward
+        self.step_grads = np.zeros(self.num_devices)  # ... and those AdamW steps
+        self.grad_transient = np.zeros(self.num_devices)  # ZeRO-2's in flight
         self.saved = np.zeros(self.num_devices)
         self.transient = np.zeros(self.num_devices)
         self.metaops_on = [[] for _ in range(self.num_devices)]
@@ -304,7 +329,17 @@ class MemoryLedger:
 
     @property
     def total(self) -> np.ndarray:
-        return self.param_bytes + self.saved + self.transient
+        return peak_bytes(self.param_bytes, self.grads, self.step_grads, self.saved,
+                          self.transient, 0.0, self.grad_transient)
+
+    def _grad_bytes(self, ids: np.ndarray, stage: np.ndarray, n: np.ndarray | float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per key of ``ids``: gradient bytes alive in backward (ZeRO-2: the share) and read
+        by AdamW (ZeRO-1 and 2: the share) on a device of a group of ``n``."""
+        assert self.index is not None
+        full = self.index.grad_sizes[ids] * self.model.grad_bytes
+        n = np.maximum(n, 1)
+        return full / np.where(stage >= 2, n, 1), full / np.where(stage >= 1, n, 1)
 
     def _param_bytes(self, ids: np.ndarray, n: int) -> np.ndarray:
         """Bytes of each key of ``ids`` on a device that takes it as one of ``n`` executing
@@ -326,19 +361,23 @@ class MemoryLedger:
         assert self.index is not None
         ids = self.index.slice_ids(metaop, l0, l1)
         n_exec = len(executing_devices(m, tuple(range(n))))
-        per_key = self._param_bytes(ids, n_exec)
-        held = per_key @ self.holds[ids] if len(ids) else np.zeros(self.num_devices)
-        new_params = per_key.sum() - held
+        new = ~self.holds[ids] if len(ids) else np.zeros((0, self.num_devices), dtype=bool)
+        gb, gs = self._grad_bytes(ids, self.stage[ids], float(n_exec))
         act = slice_activation(self.graph.metaops, m, l0, l1, n, self.model)
-        transient = act.transient + self._gradient_transient(ids, self.stage)
-        return new_params + act.saved + np.maximum(transient - self.transient, 0.0)
+        in_flight = self._gradient_transient(ids, self.stage)
+        after = peak_bytes(self.param_bytes + self._param_bytes(ids, n_exec) @ new,
+                           self.grads + gb @ new, self.step_grads + gs @ new,
+                           self.saved + act.saved, np.maximum(self.transient, act.transient),
+                           0.0, np.maximum(self.grad_transient, in_flight))
+        return after - self.total
 
     def _gradient_transient(self, ids: np.ndarray, stage: np.ndarray) -> float:
         """ZeRO-2: the full gradients of a slice's sharded keys and the buffer they are
         reduce-scattered from, alive through its backward."""
         assert self.index is not None
         sharded = ids[stage[ids] >= 2]
-        return min(2.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
+        # the gradients, their buffer, and the previous wave's buffers not yet waited for
+        return min(3.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
                    self.model.gradient_in_flight_bytes)
 
     def add(self, s: Slice) -> None:
@@ -349,11 +388,16 @@ class MemoryLedger:
         per_key = self._param_bytes(ids, len(devs))
         act = slice_activation(self.graph.metaops, m, s.layer_start, s.layer_end, s.n, self.model)
         at = np.ix_(ids, devs)
-        self.param_bytes[devs] += per_key @ ~self.holds[at]  # the keys each device takes anew
+        new = ~self.holds[at]  # the keys each device takes anew
+        gb, gs = self._grad_bytes(ids, self.stage[ids], float(len(devs)))
+        self.param_bytes[devs] += per_key @ new
+        self.grads[devs] += gb @ new
+        self.step_grads[devs] += gs @ new
         self.holds[at] = True
         self.saved[devs] += act.saved
-        transient = act.transient + self._gradient_transient(ids, self.stage)
-        self.transient[devs] = np.maximum(self.transient[devs], transient)
+        self.transient[devs] = np.maximum(self.transient[devs], act.transient)
+        self.grad_transient[devs] = np.maximum(self.grad_transient[devs],
+                                               self._gradient_transient(ids, self.stage))
         self._log.append((devs, ids, act.transient))
         for d in devs.tolist():
             self.metaops_on[d].append(s.metaop)
@@ -367,15 +411,26 @@ class MemoryLedger:
         stage = zero_stages(self.index, self.zero, self.holds)
         per_key = self.index.grad_sizes * m.trained_bytes(stage, self.holds.sum(axis=1))
         param_bytes = counts * (m.weight_bytes + m.copy_bytes) + per_key @ self.holds
-        transient = self.transient
-        if (stage >= 2).any():  # the gradient transients under the final (pool) stages
-            transient = np.zeros(self.num_devices)
-            for devs, ids, act_t in self._log:
-                t = act_t + self._gradient_transient(ids, stage)
-                transient[devs] = np.maximum(transient[devs], t)
+        group = self.holds.sum(axis=1)
+        gb, gs = self._grad_bytes(np.arange(len(self.index)), stage, group)
+        grads, step_grads = gb @ self.holds, gs @ self.holds
+        # ZeRO's all-gather after the step: two buckets in flight, each whole and its share
+        sharded = np.where(stage >= 1, self.index.grad_sizes * m.weight_bytes, 0.0)
+        gather = np.minimum(sharded @ self.holds, 2.0 * SYNC_BUCKET_BYTES) * (
+            1.0 + (sharded / np.maximum(group, 1)) @ self.holds
+            / np.maximum(sharded @ self.holds, 1.0))
+        in_flight = self.grad_transient
+        if (stage >= 2).any():  # the gradients in flight under the final (pool) stages
+            in_flight = np.zeros(self.num_devices)
+            for devs, ids, _ in self._log:
+                in_flight[devs] = np.maximum(in_flight[devs],
+                                             self._gradient_transient(ids, stage))
         devices = [
-            DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]), float(transient[d]),
-                         float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])))
+            DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]),
+                         float(self.transient[d]),
+                         float(counts[d]), tuple(dict.fromkeys(self.metaops_on[d])),
+                         float(grads[d]), float(step_grads[d]), float(gather[d]),
+                         float(in_flight[d]))
             for d in range(self.num_devices)
         ]
         return MemoryReport(self.model, devices, capacity_bytes)

@@ -60,6 +60,7 @@ from spindle.planner.strategy import (
 log = logging.getLogger(__name__)
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
+REPLACE_LIMIT = 1 << 16  # MetaOps x devices up to which a chosen strategy is placed again
 PLACEMENTS = ("spindle", "naive")
 Placement = Literal["spindle", "naive"]
 
@@ -227,8 +228,19 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     def plan_of(waves: list[Wave], model: MemoryModel) -> Plan:
         return placed_plan(ctx.graph, ctx.cluster, planner, waves, model)
 
-    def time_of(plan: Plan) -> float:
-        return simulate(plan, ctx.graph, ctx.estimator, ctx.links, index).makespan_s
+    simulated: dict[tuple[tuple[Wave, ...], tuple[int, ...], tuple[tuple[int, int], ...]],
+                    float] = {}
+
+    def time_of(plan: Plan) -> float:  # each placed strategy simulated once
+        key = (plan.waves, plan.recompute, tuple(sorted(plan.zero.items())))
+        if key not in simulated:
+            simulated[key] = simulate(plan, ctx.graph, ctx.estimator, ctx.links,
+                                      index).makespan_s
+        return simulated[key]
+
+    # placing again under the chosen strategy costs a whole search: done where that is cheap
+    # (every paper workload), not for hundreds of MetaOps on thousands of devices
+    replace_again = len(ctx.graph.metaops) * ctx.num_devices <= REPLACE_LIMIT
 
     def settle(fitted: Strategy, placed: list[Wave], choice: dict[str, str]
                ) -> tuple[float, list[Wave], dict[str, str], Chosen]:
@@ -236,7 +248,7 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
                         refine_zero=ctx.zero is None,
                         refine_recompute=not ctx.memory_model.recompute)
         t = time_of(plan_of(placed, chosen.model))
-        if chosen.uniform is not None and chosen.uniform != fitted:
+        if replace_again and chosen.uniform is not None and chosen.uniform != fitted:
             # placed again under the chosen strategy: the placement weighs its sync
             try:
                 again, choice_again = _placed(ctx, planner, chosen.model, candidates)

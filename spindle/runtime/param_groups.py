@@ -303,7 +303,12 @@ class ParameterGroups:
     def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> int:
         """All-gather the updated shares into the whole parameters (collective; nothing without
         ZeRO); returns the bytes this rank sent."""
-        return gather_updated(self.all_shards, params) if self.sharded else 0
+        if not self.sharded:
+            return 0
+        for shard in self.all_shards:  # the step has read the shares' gradients
+            for v in shard.views:
+                v.grad = None
+        return gather_updated(self.all_shards, params)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer,
                         params: Mapping[str, torch.nn.Parameter]
