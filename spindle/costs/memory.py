@@ -20,42 +20,43 @@ Per device, two parts:
   over its device group (all devices that hold it), so a device pays ``optimizer_bytes /
   |group|`` for it; stage 2 splits its gradient bytes too, but the full gradients of the keys a
   slice computes live through that slice's backward, next to the buffer they are
-  reduce-scattered from (:class:`spindle.runtime.zero.Stage2Sync`): twice their bytes join the
-  slice's transient, at most ``gradient_in_flight_bytes`` (three sync buckets where the sync
-  starts layer by layer, the GPU presets; all of them with the CPU's wave-granular start).
+  reduce-scattered from (:class:`spindle.runtime.zero.Stage2Sync`), and the previous wave's
+  buffers not yet waited for: three times their bytes are in flight in the backward, at most
+  ``gradient_in_flight_bytes`` (three sync buckets where the sync starts layer by layer, the
+  GPU presets; no cap with the CPU's wave-granular start).
   The weights (and the compute copy) stay whole on every device.  Sharding moves about the
   same bytes (the all-reduce becomes a reduce-scatter of gradients + an all-gather of updated
   weights, ZeRO paper section 7.2.1), but the all-gather runs after the step, and stage 2
   reduce-scatters once per wave computing the gradients (the simulator charges both).
 
 * **Activations**.  Waves run forward in order, then backward in reverse, so what a forward
-  slice saves for backward stays alive until the backward pass reaches it: the peak is at the
-  end of the forward pass (start of backward) =
-  sum over the device's slices of (local rows x layers x saved elements per sample per layer
-  x activation bytes) + the saved input of each stage's first layer + the LM head's saved
-  log-probabilities, plus the largest *transient* of its slices (the gradient buffers of one
-  layer during its backward: about one layer's saved activations; for an LM stage also the
-  logits and their gradient).  Activation elements per layer come from
+  slice saves for backward stays alive until the backward pass reaches it: at the end of the
+  forward pass a device holds sum over its slices of (local rows x layers x saved elements per
+  sample per layer x activation bytes) + the saved input of each stage's first layer + the LM
+  head's saved log-probabilities; the largest *transient* of its slices (the gradient buffers
+  of one layer during its backward: about one layer's saved activations; for an LM stage also
+  the logits and their gradient) comes on top.  Activation elements per layer come from
   :func:`spindle.layers.costmodel.layer_activation_elements` (via
-  :attr:`spindle.costs.graph.MetaOp.saved_elements_per_sample_per_layer`), less the attention scores
-  when ``flash_attention`` (default: fused attention keeps O(s) statistics; the runtime's
+  :attr:`spindle.costs.graph.MetaOp.saved_elements_per_sample_per_layer`), less the attention
+  scores when ``flash_attention`` (default: fused attention keeps O(s) statistics; the runtime's
   ``scaled_dot_product_attention`` does so on CPU too).  Loss logits are fp32 (autocast runs
-  cross entropy in fp32) in both precisions.
+  cross entropy in fp32) in both precisions.  With recomputation (the plan's
+  :attr:`~spindle.plan.contract.Plan.recompute`, or ``recompute`` for all) a layer keeps only
+  its input and the backward recomputes one layer at a time (transient: its activations and
+  their gradients).
 
-  Checked against torch's CPU allocator (``tests/test_memory.py``, torch 2.13, the tiny
-  workloads on one process, batch x1 and x16): model states exact; activation peak -4% to +17%
-  (the cost model counts 10 s*h per encoder block where the runtime keeps about 8, and 3 s*ffn
-  per SwiGLU block where it keeps 4); device totals -3% to +16%.
+* **The peak** (:func:`peak_bytes`) is the largest of three moments, since the runtime drops
+  every gradient when a step starts: the end of forward (the states without gradients + every
+  saved activation), the backward (every gradient, the activations freed as it goes), and
+  AdamW's step (the gradients it reads and a temporary as large, ``foreach``'s square root),
+  or, with ZeRO, the all-gather after it (two buckets' buffers).
 
-With ``recompute`` (activation checkpointing per layer, an option, off by default; the runtime
-runs it with ``--recompute``, but the estimator's compute time does not yet charge the second
-forward) a layer keeps only its input and the backward recomputes one layer at a time
-(transient: its activations and their gradients).
-
-Not modelled: allocator fragmentation and caching, communication buffers, the framework's own
-footprint (CUDA context ~0.5-1 GB per GPU), the optimizer step's temporaries.  A contrastive-loss
-slice runs on the first device of its group with the whole batch, as the runtime runs it
-(:func:`executing_devices`); its other devices hold nothing for it.
+Checked against the runtime on 2 gloo ranks (``benchmarks/memory_bench.py``, BENCHMARKS.md:
+every strategy on the tiny and small workloads, 56 of 60 rows within 15%).  Not modelled:
+allocator fragmentation and caching, the all-reduce's flat buffer, the framework's own
+footprint (CUDA context ~0.5-1 GB per GPU).  A contrastive-loss slice runs on the first device
+of its group with the whole batch, as the runtime runs it (:func:`executing_devices`); its
+other devices hold nothing for it.
 
 :class:`MemoryLedger` is the incremental form the placement uses (what a device holds after
 each slice, and what one more slice would add); :func:`memory_report` replays a whole plan
