@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from spindle.costs.cluster import MAX_DEVICES, Cluster, load_cluster
 from spindle.costs.estimator import Estimator
@@ -60,7 +60,6 @@ from spindle.planner.strategy import (
 log = logging.getLogger(__name__)
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
-REPLACE_LIMIT = 1 << 16  # MetaOps x devices up to which a chosen strategy is placed again
 PLACEMENTS = ("spindle", "naive")
 Placement = Literal["spindle", "naive"]
 
@@ -215,8 +214,17 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     last: PlacementError | None = None
     candidates = spindle_candidates(ctx) if planner == "spindle" and ctx.sync_aware else None
     for fitted in strategies:
+        # Spindle's search also simulates each placement with ZeRO-1, which can make another
+        # schedule the fastest
+        faster = Strategy(fitted.recompute, 1)
+        alternatives = [uniform_model(base, faster)] if (
+            candidates is not None and fitted.zero == 0 and faster in strategies) else []
         try:
-            placed, choice = _placed(ctx, planner, uniform_model(base, fitted), candidates)
+            placed, choice, won = _placed(ctx, planner, uniform_model(base, fitted), candidates,
+                                          alternatives)
+            forced = fitted != strategies[0]
+            if alternatives and won == alternatives[0]:
+                fitted = faster
             break
         except PlacementError as err:
             last = err
@@ -238,20 +246,18 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
                                       index).makespan_s
         return simulated[key]
 
-    # placing again under the chosen strategy costs a whole search: done where that is cheap
-    # (every paper workload), not for hundreds of MetaOps on thousands of devices
-    replace_again = len(ctx.graph.metaops) * ctx.num_devices <= REPLACE_LIMIT
 
     def settle(fitted: Strategy, placed: list[Wave], choice: dict[str, str]
                ) -> tuple[float, list[Wave], dict[str, str], Chosen]:
         chosen = choose(ctx.graph, placed, fitted, strategies, base, capacity, time_of, plan_of,
                         refine_zero=ctx.zero is None,
-                        refine_recompute=not ctx.memory_model.recompute)
+                        refine_recompute=not ctx.memory_model.recompute, forced=forced)
         t = time_of(plan_of(placed, chosen.model))
-        if replace_again and chosen.uniform is not None and chosen.uniform != fitted:
-            # placed again under the chosen strategy: the placement weighs its sync
+        if candidates is None and chosen.uniform is not None and chosen.uniform != fitted:
+            # a baseline's waves placed again under the chosen strategy (the placement weighs
+            # its sync; Spindle's search simulated every placement with it already)
             try:
-                again, choice_again = _placed(ctx, planner, chosen.model, candidates)
+                again, choice_again, _ = _placed(ctx, planner, chosen.model, None)
                 t_again = time_of(plan_of(again, chosen.model))
                 if t_again < t:
                     placed, choice, t = again, choice_again, t_again
@@ -264,8 +270,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
         # memory-bound: the most memory-saving strategy may admit a much shorter schedule
         try:
             most = strategies[-1]
-            options.append(settle(most, *_placed(ctx, planner, uniform_model(base, most),
-                                                 candidates)))
+            waves, most_choice, _ = _placed(ctx, planner, uniform_model(base, most), candidates)
+            options.append(settle(most, waves, most_choice))
         except PlacementError as err:
             log.info("%s with %s: %s", planner, strategies[-1].label, err)
     _, placed, choice, chosen = min(options, key=lambda o: o[0])
@@ -284,26 +290,29 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
 
 
 def _placed(ctx: PlanningContext, planner: str, model: MemoryModel,
-            candidates: list[Candidate] | None) -> tuple[list[Wave], dict[str, str]]:
+            candidates: list[Candidate] | None, alternatives: Sequence[MemoryModel] = ()
+            ) -> tuple[list[Wave], dict[str, str], MemoryModel]:
     """``planner``'s placed waves under ``model``'s memory strategy (and what the search chose
-    among ``candidates``, Spindle's); raises :class:`PlacementError` when they do not fit
-    memory."""
+    among ``candidates``, Spindle's, each also simulated under ``alternatives``; the strategy
+    it chose); raises :class:`PlacementError` when they do not fit memory."""
     capacity = ctx.cluster.memory_bytes if ctx.check_memory else math.inf
     index = ctx.parameter_index or ctx.graph.parameter_index
     if candidates is not None:
         found = search(candidates, ctx.graph, ctx.estimator, ctx.cluster, ctx.links,
-                       model, capacity, index, naive_placement=ctx.placement == "naive")
+                       model, capacity, index, naive_placement=ctx.placement == "naive",
+                       alternatives=alternatives)
         return found.waves, {
             "schedule": found.schedule, "placement": found.placement,
-            "searched": f"{found.placed} of {found.considered} candidate schedules placed"}
+            "searched": f"{found.placed} of {found.considered} candidate schedules placed"
+        }, found.model or model
     waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
     if ctx.placement != "naive":
         recompute, _ = model.strategy(ctx.graph.metaops)
         return place(ctx.graph, waves, ctx.cluster, model, capacity, index,
                      wave_compute_times(waves, ctx.graph, ctx.estimator, ctx.links, recompute),
-                     ctx.links), {}
+                     ctx.links), {}, model
     return naive_placement(waves, ctx.graph, ctx.cluster, model, capacity, index,
-                           f"{planner} plan"), {}
+                           f"{planner} plan"), {}, model
 
 
 def spindle_candidates(ctx: PlanningContext) -> list[Candidate]:

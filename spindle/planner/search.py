@@ -64,6 +64,7 @@ class SearchResult:
     placement: str  # the name of its placement candidate
     considered: int  # candidate schedules
     placed: int  # candidate schedules that were placed (the rest were pruned or did not fit)
+    model: MemoryModel | None = None  # the memory strategy it was simulated with
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,15 @@ def search(
     capacity_bytes: float,
     index: ParameterIndex,
     naive_placement: bool = False,
+    alternatives: Sequence[MemoryModel] = (),
 ) -> SearchResult:
     """The candidate of ``schedules`` (label, unplaced waves) whose placed plan simulates
     fastest (module docstring).  ``naive_placement`` places every candidate with the
     sequential placement instead of Spindle's; every candidate runs ``memory_model``'s memory
     strategy (recomputed MetaOps: their extra forward is simulated; ZeRO's collectives).
-    Raises the first candidate's :class:`PlacementError` when none fits ``capacity_bytes``."""
+    ``alternatives``: other memory strategies every placed plan is also simulated with, where
+    it fits (ZeRO can make another schedule the fastest: a smaller optimizer step).  Raises the
+    first candidate's :class:`PlacementError` when none fits ``capacity_bytes``."""
     recompute, _ = memory_model.strategy(graph.metaops)
     best: SearchResult | None = None
     first_error: PlacementError | None = None
@@ -119,10 +123,14 @@ def search(
         placed_count += 1
         mine: SearchResult | None = None
         for name, placed, comm in placements:
-            sim = simulate(placed_plan(graph, cluster, label, placed, memory_model), graph,
-                           estimator, links, index, comm)
-            if mine is None or sim.makespan_s < mine.simulation.makespan_s * (1.0 - 1e-12):
-                mine = SearchResult(placed, sim, label, name, len(schedules), 0)
+            for k, model in enumerate((memory_model, *alternatives)):
+                plan = placed_plan(graph, cluster, label, placed, model)
+                if k and not math.isinf(capacity_bytes) and not memory_report(
+                        plan, graph, model, capacity_bytes, index).fits():
+                    continue
+                sim = simulate(plan, graph, estimator, links, index, None if k else comm)
+                if mine is None or sim.makespan_s < mine.simulation.makespan_s * (1.0 - 1e-12):
+                    mine = SearchResult(placed, sim, label, name, len(schedules), 0, model)
         assert mine is not None
         if winner is None and only is None:
             winner = mine.placement
@@ -135,7 +143,7 @@ def search(
              " schedules placed", best.schedule, best.placement, best.simulation.makespan_s,
              placed_count, len(schedules))
     return SearchResult(best.waves, best.simulation, best.schedule, best.placement,
-                        len(schedules), placed_count)
+                        len(schedules), placed_count, best.model)
 
 
 def _placements(

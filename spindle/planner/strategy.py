@@ -15,9 +15,10 @@ an all-gather of the updated shards after the step (exposed), while the optimize
    stops the ladder; when it is not ``none``, the most memory-saving strategy is placed too:
    less memory can admit a much shorter schedule);
 2. on those placed waves, every ladder strategy that fits is simulated, and the fastest kept
-   (ZeRO can be faster than none: a smaller optimizer step); when that is not the one they
-   were placed under, the waves are placed again under it, and the faster of the two kept
-   (placement weighs the sync, which ZeRO changes);
+   (ZeRO can be faster than none: a smaller optimizer step; Spindle's search already simulates
+   every placement of every candidate schedule with ZeRO-1 too); when a baseline's choice is
+   not the one its waves were placed under, they are placed again under it, and the faster of
+   the two kept (placement weighs the sync, which ZeRO changes);
 3. per MetaOp, greedily: each recomputing MetaOp (longest compute first) stops recomputing, and
    each sharded MetaOp stops sharding, wherever the plan still fits and simulates no slower.
 
@@ -83,10 +84,12 @@ def choose(
     graph: MetaGraph, waves: list[Wave], fitted: Strategy, strategies: Sequence[Strategy],
     base: MemoryModel, capacity: float, time_of: Callable[[Plan], float],
     plan_of: Callable[[list[Wave], MemoryModel], Plan], refine_zero: bool,
-    refine_recompute: bool,
+    refine_recompute: bool, forced: bool = True,
 ) -> Chosen:
     """Steps 2 and 3 of the module docstring on ``waves`` (placed under ``fitted``):
-    ``time_of`` simulates a plan, ``plan_of`` builds one."""
+    ``time_of`` simulates a plan, ``plan_of`` builds one; ``forced``: the memory forced
+    ``fitted`` (only then is it refined per MetaOp: each move costs a report and a
+    simulation)."""
 
     def fits(model: MemoryModel) -> bool:
         return math.isinf(capacity) or memory_report(plan_of(waves, model), graph, model,
@@ -112,7 +115,6 @@ def choose(
     order = sorted(recompute, key=lambda m: -graph.metaops[m].cost.flops_per_layer
                    * graph.metaops[m].num_layers)
     # per MetaOp only where the memory forced a strategy (each move is a report + simulation)
-    forced = fitted != LADDER[0]
     moves: list[tuple[str, int]] = ([("recompute", m) for m in order]
                                     if refine_recompute and forced else []) + (
         [("zero", m) for m in sorted(zero)] if refine_zero and forced else [])
