@@ -60,7 +60,9 @@ other devices hold nothing for it.
 
 :class:`MemoryLedger` is the incremental form the placement uses (what a device holds after
 each slice, and what one more slice would add); :func:`memory_report` replays a whole plan
-through it, so the placement's capacity checks and the report agree exactly.
+through it.  Where ZeRO is on, the ledger's running totals are upper bounds of the report's
+(the pool rule can raise a key's stage only once the plan is whole; the all-gather's buffers
+are bounded), so the placement never accepts what the report refuses.
 """
 
 from __future__ import annotations
@@ -318,11 +320,15 @@ class MemoryLedger:
             self.index = self.graph.parameter_index
         self.zero = self.model.zero_of(self.graph.metaops)
         self.stage = metaop_stages(self.index, self.zero)  # before the pool rule
+        # an upper bound of the final (pool rule) stage: every key at the plan's highest
+        top = max(self.zero.values(), default=0)
+        self.stage_bound = np.full(len(self.index), top, dtype=np.int64)
         self.holds = np.zeros((len(self.index), self.num_devices), dtype=bool)
         self.param_bytes = np.zeros(self.num_devices)
         self.grads = np.zeros(self.num_devices)  # of param_bytes: the gradients in backward
         self.step_grads = np.zeros(self.num_devices)  # ... and those AdamW steps
         self.grad_transient = np.zeros(self.num_devices)  # ZeRO-2's in flight
+        self.sharded_weights = np.zeros(self.num_devices)  # ZeRO's all-gather, bounded
         self.saved = np.zeros(self.num_devices)
         self.transient = np.zeros(self.num_devices)
         self.metaops_on = [[] for _ in range(self.num_devices)]
@@ -331,7 +337,13 @@ class MemoryLedger:
     @property
     def total(self) -> np.ndarray:
         return peak_bytes(self.param_bytes, self.grads, self.step_grads, self.saved,
-                          self.transient, 0.0, self.grad_transient)
+                          self.transient, self._gather_bound(self.sharded_weights),
+                          self.grad_transient)
+
+    def _gather_bound(self, sharded_weights: np.ndarray) -> np.ndarray:
+        """An upper bound of the all-gather moment (:meth:`report` has the exact one): two
+        buckets whole and their shares, next to every gradient AdamW read."""
+        return 2.0 * np.minimum(sharded_weights, 2.0 * SYNC_BUCKET_BYTES) + self.step_grads
 
     def _grad_bytes(self, ids: np.ndarray, stage: np.ndarray, n: np.ndarray | float
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -365,12 +377,22 @@ class MemoryLedger:
         new = ~self.holds[ids] if len(ids) else np.zeros((0, self.num_devices), dtype=bool)
         gb, gs = self._grad_bytes(ids, self.stage[ids], float(n_exec))
         act = slice_activation(self.graph.metaops, m, l0, l1, n, self.model)
-        in_flight = self._gradient_transient(ids, self.stage)
+        in_flight = self._gradient_transient(ids, self.stage_bound)
+        weights = self._sharded_weights(ids) @ new
+        step_grads = self.step_grads + gs @ new
         after = peak_bytes(self.param_bytes + self._param_bytes(ids, n_exec) @ new,
-                           self.grads + gb @ new, self.step_grads + gs @ new,
+                           self.grads + gb @ new, step_grads,
                            self.saved + act.saved, np.maximum(self.transient, act.transient),
-                           0.0, np.maximum(self.grad_transient, in_flight))
+                           2.0 * np.minimum(self.sharded_weights + weights,
+                                            2.0 * SYNC_BUCKET_BYTES) + step_grads,
+                           np.maximum(self.grad_transient, in_flight))
         return after - self.total
+
+    def _sharded_weights(self, ids: np.ndarray) -> np.ndarray:
+        """Per key of ``ids``: its weight bytes if it may be sharded (the all-gather's)."""
+        assert self.index is not None
+        return np.where(self.stage_bound[ids] >= 1,
+                        self.index.grad_sizes[ids] * self.model.weight_bytes, 0.0)
 
     def _gradient_transient(self, ids: np.ndarray, stage: np.ndarray) -> float:
         """ZeRO-2: the full gradients of a slice's sharded keys and the buffer they are
@@ -398,7 +420,8 @@ class MemoryLedger:
         self.saved[devs] += act.saved
         self.transient[devs] = np.maximum(self.transient[devs], act.transient)
         self.grad_transient[devs] = np.maximum(self.grad_transient[devs],
-                                               self._gradient_transient(ids, self.stage))
+                                               self._gradient_transient(ids, self.stage_bound))
+        self.sharded_weights[devs] += self._sharded_weights(ids) @ new
         self._log.append((devs, ids, act.transient))
         for d in devs.tolist():
             self.metaops_on[d].append(s.metaop)
@@ -420,6 +443,8 @@ class MemoryLedger:
         gather = np.minimum(sharded @ self.holds, 2.0 * SYNC_BUCKET_BYTES) * (
             1.0 + (sharded / np.maximum(group, 1)) @ self.holds
             / np.maximum(sharded @ self.holds, 1.0))
+        # ... next to the unsharded parameters' gradients (kept until the next step)
+        gather = np.where(gather > 0, gather + np.where(stage >= 1, 0.0, gs) @ self.holds, 0.0)
         in_flight = self.grad_transient
         if (stage >= 2).any():  # the gradients in flight under the final (pool) stages
             in_flight = np.zeros(self.num_devices)

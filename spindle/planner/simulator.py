@@ -15,7 +15,7 @@ The simulated iteration is what the runtime does, in order:
 * parameter sync: after backward, every parameter's gradient is all-reduced (ZeRO: reduce-scattered,
   and the updated shards all-gathered after the step, ``gather_s``) inside its device
   group (all devices that execute an operator using it: the runtime's pools,
-  :func:`spindle.costs.memory.pool_sizes`); groups that share a device run one after another;
+  :func:`spindle.plan.layout.parameter_pools`); groups that share a device run one after another;
   disjoint groups run side by side.  With the hardware's ``sync_overlap``, the runtime's buckets
   (:func:`spindle.plan.layout.sync_buckets`) start under the remaining backward waves.
 
@@ -388,12 +388,14 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
     for group, ids in parameter_pools(use[0]).items():
         nbytes = float(index.grad_sizes[ids].sum()) * links.grad_bytes
         st = int(stage[ids[0]])
-        # ZeRO-2: one reduce-scatter after every wave that computes the pool's gradients
-        again = len(scatter_waves(plan, index, ids, waves)) if st >= 2 else 1
-        t = links.sync_s(nbytes, group, st) * again
+        if st >= 2 and waves is not None:
+            # ZeRO-2: a bucket (one per ready point) is reduce-scattered after every wave using
+            # its keys: each key's bytes as often as waves use it
+            nbytes = float(index.grad_sizes[ids] @ waves[ids].sum(axis=1)) * links.grad_bytes
+        t = links.sync_s(nbytes, group, st)
         # ZeRO: the updated shards travel back after the step, in the parameters' dtype
-        g = links.reduce_scatter_s(nbytes / links.grad_bytes * links.param_bytes,
-                                   group) if st else 0.0
+        weights = float(index.grad_sizes[ids].sum()) * links.param_bytes
+        g = links.reduce_scatter_s(weights, group) if st else 0.0
         for d in group:
             per_device_sync[d] += t
             per_device_gather[d] += g
@@ -431,8 +433,7 @@ def overlapped_sync_s(plan: Plan, graph: MetaGraph, links: Links,
     buckets = sync_buckets(index, holds, ready, links.grad_bytes, links.sync_bucket_bytes,
                            links.sync_min_bucket_bytes, fraction,
                            zero_stages(index, plan.zero, holds) if plan.zero else None)
-    stage = zero_stages(index, plan.zero, holds)
-    waves = wave_use(plan, index) if (stage >= 2).any() else None
+    waves = wave_use(plan, index) if any(b.stage >= 2 for b in buckets) else None
     for b in buckets:
         # final once the wave's backward has run b.ready_fraction of it (its slices start
         # together; a slice shorter than its wave makes this conservative)

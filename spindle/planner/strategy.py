@@ -99,7 +99,8 @@ def choose(
     best_t = time_of(plan_of(waves, best_model))
     best = fitted
     for s in strategies:
-        # recomputing only adds compute to what fits without; ZeRO-2 simulates as ZeRO-1
+        # recomputing only adds compute to what fits without; ZeRO-2 costs more traffic than
+        # ZeRO-1 (a reduce-scatter per wave), so it is tried only where ZeRO-1 is not offered
         if s == fitted or (s.recompute and not fitted.recompute) or (
                 s.zero == 2 and Strategy(s.recompute, 1) in strategies):
             continue

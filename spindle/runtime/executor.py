@@ -363,15 +363,15 @@ class TrainingRun:
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """AdamW's state of every parameter this rank holds, whole, by logical name
-        (collective: with ZeRO the shares are gathered)."""
-        if self.optimizer is None:
-            return {}
-        return self.groups.optimizer_state(self.optimizer, self.local.params)
+        (collective: with ZeRO the shares are gathered, so every rank takes part, also one whose
+        shares are all empty and that has no optimizer)."""
+        state = self.optimizer.state if self.optimizer is not None else {}
+        return self.groups.optimizer_state(state, self.local.params)
 
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Continue from the whole per-name AdamW ``state`` (:meth:`optimizer_state`'s form)."""
         if self.optimizer is not None:
-            self.groups.load_optimizer_state(self.optimizer, self.local.params, state)
+            self.groups.load_optimizer_state(self.optimizer.state, self.local.params, state)
 
     def gather_parameters(self) -> dict[str, torch.Tensor] | None:
         """Every logical parameter on rank 0 (None on the other ranks); collective."""

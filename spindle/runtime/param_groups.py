@@ -61,6 +61,7 @@ from spindle.plan.layout import (
     ready_fractions,
     scatter_waves,
     sync_buckets,
+    wave_use,
     zero_stages,
 )
 from spindle.runtime.zero import (
@@ -162,6 +163,7 @@ class ParameterGroups:
         self.shards: list[Shard | None] = []
         self.scatters: list[WaveScatter] = []
         stage = zero_stages(index, plan.zero, holds)
+        use = wave_use(plan, index) if (stage >= 2).any() else None
         for b in sync_buckets(index, holds, ready, element_bytes, bucket_bytes, min_bucket_bytes,
                               fraction, stage):
             names = tuple(n for k in b.keys for n in members[index.names[k]]
@@ -172,7 +174,7 @@ class ParameterGroups:
                              b.group, rank, self._groups[b.group]) if b.stage else None
             if shard is not None and b.stage >= 2:
                 # without the per-wave callbacks (no overlap) one reduce-scatter at the end
-                waves = scatter_waves(plan, index, b.keys) if overlap else ()
+                waves = scatter_waves(plan, index, b.keys, use) if overlap else ()
                 self.scatters.append(WaveScatter(shard, waves, reduce_dtype))
                 continue
             self.buckets.append((b, names))
@@ -259,9 +261,13 @@ class ParameterGroups:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
             shard = self.shards[self._next]
-            self._pending.append(
-                BucketScatter(grads, shard, self.reduce_dtype) if shard is not None
-                else BucketSum(grads, self._groups[bucket.group], self.reduce_dtype))
+            if shard is not None:
+                self._pending.append(BucketScatter(grads, shard, self.reduce_dtype))
+                for name in names:  # copied into the bucket's buffer, and final: of no more use
+                    self._params[name].grad = None
+            else:
+                self._pending.append(BucketSum(grads, self._groups[bucket.group],
+                                               self.reduce_dtype))
             self._next += 1
 
     def finish(self, params: Mapping[str, torch.nn.Parameter]) -> int:
@@ -271,10 +277,6 @@ class ParameterGroups:
         self._launch_while(lambda k: True)
         for pending in self._pending:
             pending.wait()
-            if isinstance(pending, BucketScatter):
-                # the local (unreduced) gradients are of no further use: the share is kept
-                for name in pending.shard.names:
-                    params[name].grad = None
         nbytes = sum(pending.nbytes for pending in self._pending)
         for scatter in self.scatters:
             if not scatter.waves:
@@ -310,24 +312,25 @@ class ParameterGroups:
                 v.grad = None
         return gather_updated(self.all_shards, params)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer,
+    def optimizer_state(self, state: Mapping[torch.Tensor, Mapping[str, torch.Tensor]],
                         params: Mapping[str, torch.nn.Parameter]
                         ) -> dict[str, dict[str, torch.Tensor]]:
-        """AdamW's state of every parameter this rank holds, whole, by logical name (collective
-        with ZeRO: the shares are gathered)."""
-        out = {n: dict(optimizer.state[p]) for n, p in params.items()
-               if n not in self.sharded and p in optimizer.state}
-        out.update(full_state(self.all_shards, optimizer, params))
+        """AdamW's ``state`` (the optimizer's, per tensor) of every parameter this rank holds,
+        whole, by logical name (collective with ZeRO: the shares are gathered)."""
+        out = {n: dict(state[p]) for n, p in params.items()
+               if n not in self.sharded and p in state}
+        out.update(full_state(self.all_shards, state, params))
         return out
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+    def load_optimizer_state(self, optimizer_state: dict[torch.Tensor, dict[str, torch.Tensor]],
                              params: Mapping[str, torch.nn.Parameter],
                              state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Give AdamW the whole per-name ``state`` (this rank's share of a sharded one)."""
+        """Give AdamW (its ``optimizer_state``) the whole per-name ``state`` (this rank's share
+        of a sharded one)."""
         for n, st in state.items():
             if n not in self.sharded:
-                optimizer.state[params[n]] = dict(st)
-        load_state(self.all_shards, optimizer, state)
+                optimizer_state[params[n]] = dict(st)
+        load_state(self.all_shards, optimizer_state, state)
 
     def _grads(self, params: Mapping[str, torch.nn.Parameter]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -119,7 +119,6 @@ class BucketScatter:
     def __init__(self, grads: list[torch.Tensor], shard: Shard,
                  dtype: torch.dtype | None = None) -> None:
         self.shard = shard
-        self.grads = grads
         # one padded buffer (a cat, then a padded copy, would hold the bucket twice)
         flat = grads[0].new_zeros(shard.padded, dtype=dtype or grads[0].dtype)
         offset = 0
@@ -262,25 +261,26 @@ def gather_updated(shards: list[Shard], params: Mapping[str, torch.nn.Parameter]
                 params[name].view(-1).copy_(flat)
 
     for shard in shards:
+        if len(pending) >= 2:
+            land(*pending.pop(0))
         share = shard.flat([v.detach() for v in shard.views], params[shard.names[0]])
         full = torch.empty(shard.padded, dtype=share.dtype, device=share.device)
         pending.append((shard, full, dist.all_gather_into_tensor(
             full, share, group=shard.group, async_op=True)))
         nbytes += shard.size * full.element_size()
-        if len(pending) > 2:
-            land(*pending.pop(0))
     for item in pending:
         land(*item)
     return nbytes
 
 
-def full_state(shards: list[Shard], optimizer: torch.optim.Optimizer,
+def full_state(shards: list[Shard], optimizer_state: Mapping[torch.Tensor, Mapping[str, Any]],
                params: Mapping[str, torch.nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
-    """The AdamW state of every sharded parameter, whole, by logical name (collective over each
-    shard's group; empty before the first step)."""
+    """The AdamW state (``optimizer_state``, per tensor) of every sharded parameter, whole, by
+    logical name (collective over each shard's group: every member calls it, an empty share
+    too; empty before the first step)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for shard in shards:
-        states = [optimizer.state.get(v, {}) for v in shard.views]
+        states = [optimizer_state.get(v, {}) for v in shard.views]
         like = params[shard.names[0]].detach()
         step = float(states[0]["step"]) if states and states[0] else 0.0
         steps = shard.gather(torch.full((shard.size,), step, dtype=torch.float64,
@@ -297,7 +297,7 @@ def full_state(shards: list[Shard], optimizer: torch.optim.Optimizer,
     return out
 
 
-def load_state(shards: list[Shard], optimizer: torch.optim.Optimizer,
+def load_state(shards: list[Shard], optimizer_state: dict[torch.Tensor, dict[str, torch.Tensor]],
                state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Give each share's views their part of the whole per-parameter AdamW ``state``."""
     for shard in shards:
@@ -305,7 +305,7 @@ def load_state(shards: list[Shard], optimizer: torch.optim.Optimizer,
             whole = state.get(piece.name)
             if whole is None:
                 continue
-            optimizer.state[view] = {
+            optimizer_state[view] = {
                 "step": whole["step"].clone(),
                 **{key: whole[key].reshape(-1)[piece.lo:piece.hi].clone().to(view.dtype)
                    for key in MOMENTS}}
