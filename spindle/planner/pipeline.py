@@ -60,6 +60,7 @@ from spindle.planner.strategy import (
 log = logging.getLogger(__name__)
 
 BASELINES = ("sequential", "optimus", "distmm-mt", "uniform")
+ALTERNATIVES_LIMIT = 1 << 16  # MetaOps x devices up to which the search also simulates ZeRO-1
 PLACEMENTS = ("spindle", "naive")
 Placement = Literal["spindle", "naive"]
 
@@ -217,8 +218,11 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
         # Spindle's search also simulates each placement with ZeRO-1, which can make another
         # schedule the fastest
         faster = Strategy(fitted.recompute, 1)
+        # (each placement simulated twice: up to ALTERNATIVES_LIMIT MetaOps x devices, every
+        # paper workload, not hundreds of MetaOps on thousands of devices)
         alternatives = [uniform_model(base, faster)] if (
-            candidates is not None and fitted.zero == 0 and faster in strategies) else []
+            candidates is not None and fitted.zero == 0 and faster in strategies
+            and len(ctx.graph.metaops) * ctx.num_devices <= ALTERNATIVES_LIMIT) else []
         try:
             placed, choice, won = _placed(ctx, planner, uniform_model(base, fitted), candidates,
                                           alternatives)
