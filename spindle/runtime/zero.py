@@ -31,6 +31,10 @@ import torch
 import torch.distributed as dist
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# torch 2.13 names them *_single (the *_tensor names warn that they are deprecated); older
+# releases have only the *_tensor ones
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Shard:
     def gather(self, share: torch.Tensor) -> torch.Tensor:
         """Every member's share, concatenated in member order (collective over the group)."""
         full = torch.empty(self.padded, dtype=share.dtype, device=share.device)
-        dist.all_gather_into_tensor(full, share.contiguous(), group=self.group)
+        _all_gather(full, share.contiguous(), group=self.group)
         return full
 
     def whole(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,7 +131,7 @@ class BucketScatter:
             offset += g.numel()
         self.out = flat.new_empty(shard.size)
         self.nbytes = flat.numel() * flat.element_size()
-        self.work = dist.reduce_scatter_tensor(self.out, flat, op=dist.ReduceOp.SUM,
+        self.work = _reduce_scatter(self.out, flat, op=dist.ReduceOp.SUM,
                                                group=shard.group, async_op=True)
 
     def wait(self) -> None:
@@ -164,7 +168,7 @@ class WaveScatter:
             offset += numel
         out = flat.new_empty(self.shard.size)
         self.nbytes += flat.numel() * flat.element_size()
-        work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM,
+        work = _reduce_scatter(out, flat, op=dist.ReduceOp.SUM,
                                           group=self.shard.group, async_op=True)
         self.pending.append((work, out, flat, wave))
 
@@ -265,7 +269,7 @@ def gather_updated(shards: list[Shard], params: Mapping[str, torch.nn.Parameter]
             land(*pending.pop(0))
         share = shard.flat([v.detach() for v in shard.views], params[shard.names[0]])
         full = torch.empty(shard.padded, dtype=share.dtype, device=share.device)
-        pending.append((shard, full, dist.all_gather_into_tensor(
+        pending.append((shard, full, _all_gather(
             full, share, group=shard.group, async_op=True)))
         nbytes += shard.size * full.element_size()
     for item in pending:
