@@ -14,11 +14,19 @@ from pathlib import Path
 from tests.plans import REPO
 
 
+def _interruptible() -> None:
+    """Ctrl-C's default action in the child, as a terminal's foreground job has it: a suite run
+    as a background job (``make test &``) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "spindle", *argv], cwd=REPO, env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # a process group, as a terminal's job
+                            start_new_session=True,  # a process group, as a terminal's job
+                            preexec_fn=_interruptible)
 
 
 def _ctrl_c(proc: subprocess.Popen[str]) -> tuple[str, float]:
