@@ -337,13 +337,8 @@ class MemoryLedger:
     @property
     def total(self) -> np.ndarray:
         return peak_bytes(self.param_bytes, self.grads, self.step_grads, self.saved,
-                          self.transient, self._gather_bound(self.sharded_weights),
+                          self.transient, _gather_bound(self.sharded_weights, self.step_grads),
                           self.grad_transient)
-
-    def _gather_bound(self, sharded_weights: np.ndarray) -> np.ndarray:
-        """An upper bound of the all-gather moment (:meth:`report` has the exact one): two
-        buckets whole and their shares, next to every gradient AdamW read."""
-        return 2.0 * np.minimum(sharded_weights, 2.0 * SYNC_BUCKET_BYTES) + self.step_grads
 
     def _grad_bytes(self, ids: np.ndarray, stage: np.ndarray, n: np.ndarray | float
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -383,8 +378,7 @@ class MemoryLedger:
         after = peak_bytes(self.param_bytes + self._param_bytes(ids, n_exec) @ new,
                            self.grads + gb @ new, step_grads,
                            self.saved + act.saved, np.maximum(self.transient, act.transient),
-                           2.0 * np.minimum(self.sharded_weights + weights,
-                                            2.0 * SYNC_BUCKET_BYTES) + step_grads,
+                           _gather_bound(self.sharded_weights + weights, step_grads),
                            np.maximum(self.grad_transient, in_flight))
         return after - self.total
 
@@ -433,9 +427,9 @@ class MemoryLedger:
         m = self.model
         counts = self.index.sizes @ self.holds  # parameters per device
         stage = zero_stages(self.index, self.zero, self.holds)
-        per_key = self.index.grad_sizes * m.trained_bytes(stage, self.holds.sum(axis=1))
+        group = self.holds.sum(axis=1)  # devices per key
+        per_key = self.index.grad_sizes * m.trained_bytes(stage, group)
         param_bytes = counts * (m.weight_bytes + m.copy_bytes) + per_key @ self.holds
-        group = self.holds.sum(axis=1)
         gb, gs = self._grad_bytes(np.arange(len(self.index)), stage, group)
         grads, step_grads = gb @ self.holds, gs @ self.holds
         # ZeRO's all-gather after the step: two buckets in flight, each whole and its share
@@ -460,6 +454,12 @@ class MemoryLedger:
             for d in range(self.num_devices)
         ]
         return MemoryReport(self.model, devices, capacity_bytes)
+
+
+def _gather_bound(sharded_weights: np.ndarray, step_grads: np.ndarray) -> np.ndarray:
+    """An upper bound of the all-gather moment (:meth:`MemoryLedger.report` has the exact one):
+    two buckets whole and their shares, next to every gradient AdamW read."""
+    return 2.0 * np.minimum(sharded_weights, 2.0 * SYNC_BUCKET_BYTES) + step_grads
 
 
 def memory_report(

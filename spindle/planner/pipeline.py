@@ -250,7 +250,6 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
                                       index).makespan_s
         return simulated[key]
 
-
     def settle(fitted: Strategy, placed: list[Wave], choice: dict[str, str]
                ) -> tuple[float, list[Wave], dict[str, str], Chosen]:
         chosen = choose(ctx.graph, placed, fitted, strategies, base, capacity, time_of, plan_of,

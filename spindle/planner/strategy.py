@@ -28,7 +28,6 @@ The plan records the result (:attr:`spindle.plan.contract.Plan.recompute`,
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -37,8 +36,6 @@ from spindle.costs.graph import MetaGraph
 from spindle.costs.memory import MemoryModel, memory_report
 from spindle.plan.contract import Plan, Wave
 from spindle.planner.placement import PlacementError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
