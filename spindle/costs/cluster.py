@@ -99,8 +99,9 @@ class Cluster:
     def memory_model(self, zero: int = 0) -> MemoryModel:
         """Bytes per parameter and per activation element for this cluster's precision."""
         model = memory_model_for(self.precision, zero=zero)
-        if self.hardware.name != "cpu":  # the runtime's layer-granular sync start (CUDA)
-            model = replace(model, gradient_in_flight_bytes=3.0 * SYNC_BUCKET_BYTES)
+        if self.hardware.name != "cpu":  # the layer-granular sync start and NCCL (CUDA)
+            model = replace(model, gradient_in_flight_bytes=3.0 * SYNC_BUCKET_BYTES,
+                            scatter_clone=False)
         return model
 
     def describe(self) -> str:

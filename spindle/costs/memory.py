@@ -23,7 +23,10 @@ Per device, two parts:
   reduce-scattered from (:class:`spindle.runtime.zero.Stage2Sync`), and the previous wave's
   buffers not yet waited for: three times their bytes are in flight in the backward, at most
   ``gradient_in_flight_bytes`` (three sync buckets where the sync starts layer by layer, the
-  GPU presets; no cap with the CPU's wave-granular start).
+  GPU presets; no cap with the CPU's wave-granular start).  A stage-1 reduce-scatter copies
+  a bucket's gradients into one buffer (then frees them), gloo clones it once more
+  (``scatter_clone``; measured: a ZeRO-1 step's peak on 2 gloo ranks is in that clone), and
+  the share is written apart: one bucket's copy, the clones and the shares at the launch.
   The weights (and the compute copy) stay whole on every device.  Sharding moves about the
   same bytes (the all-reduce becomes a reduce-scatter of gradients + an all-gather of updated
   weights, ZeRO paper section 7.2.1), but the all-gather runs after the step, and stage 2
@@ -80,8 +83,6 @@ from spindle.plan.layout import (
     executing_devices,
     local_rows,
     metaop_stages,
-    parameter_pools,
-    parameter_use,
     slice_inputs,
     value_elements,
     zero_stages,
@@ -109,6 +110,8 @@ class MemoryModel:
     # ZeRO-2: full gradients alive at once in a slice's backward (inf: all of the slice's, as
     # with the wave-granular sync start; the layer start keeps about three buckets' worth)
     gradient_in_flight_bytes: float = float("inf")
+    # the reduce-scatter clones its input (gloo's does; NCCL's works in place): ZeRO-1's launch
+    scatter_clone: bool = True
     zero: int = 0  # ZeRO stage of every MetaOp (the --zero override)
     zero_metaops: tuple[tuple[int, int], ...] = ()  # (MetaOp, stage): a plan's, per MetaOp
     flash_attention: bool = True  # attention keeps O(s) statistics, not the s x s scores
@@ -328,6 +331,7 @@ class MemoryLedger:
         self.grads = np.zeros(self.num_devices)  # of param_bytes: the gradients in backward
         self.step_grads = np.zeros(self.num_devices)  # ... and those AdamW steps
         self.grad_transient = np.zeros(self.num_devices)  # ZeRO-2's in flight
+        self.stage1 = np.zeros((2, self.num_devices))  # ZeRO-1's gradients: full, share
         self.sharded_weights = np.zeros(self.num_devices)  # ZeRO's all-gather, bounded
         self.saved = np.zeros(self.num_devices)
         self.transient = np.zeros(self.num_devices)
@@ -338,7 +342,7 @@ class MemoryLedger:
     def total(self) -> np.ndarray:
         return peak_bytes(self.param_bytes, self.grads, self.step_grads, self.saved,
                           self.transient, _gather_bound(self.sharded_weights, self.step_grads),
-                          self.grad_transient)
+                          self.grad_transient + self._launch_bytes(self.stage1))
 
     def _grad_bytes(self, ids: np.ndarray, stage: np.ndarray, n: np.ndarray | float
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +383,8 @@ class MemoryLedger:
                            self.grads + gb @ new, step_grads,
                            self.saved + act.saved, np.maximum(self.transient, act.transient),
                            _gather_bound(self.sharded_weights + weights, step_grads),
-                           np.maximum(self.grad_transient, in_flight))
+                           np.maximum(self.grad_transient, in_flight) + self._launch_bytes(
+                               self.stage1 + self._stage1(ids, self.stage_bound, n_exec) @ new))
         return after - self.total
 
     def _sharded_weights(self, ids: np.ndarray) -> np.ndarray:
@@ -396,6 +401,20 @@ class MemoryLedger:
         # the gradients, their buffer, and the previous wave's buffers not yet waited for
         return min(3.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
                    self.model.gradient_in_flight_bytes)
+
+    def _stage1(self, ids: np.ndarray, stage: np.ndarray, n: float) -> np.ndarray:
+        """Per key of ``ids``: [full gradient bytes, share bytes] if at ZeRO stage 1, else 0."""
+        assert self.index is not None
+        full = np.where(stage[ids] == 1, self.index.grad_sizes[ids] * self.model.grad_bytes, 0.0)
+        return np.stack([full, full / max(n, 1.0)])
+
+    def _launch_bytes(self, one: np.ndarray) -> np.ndarray:
+        """ZeRO-1's reduce-scatters at their launch on each device, from ``one`` = [full
+        gradient bytes, share bytes] of its stage-1 keys: the bucket being copied (at most a
+        sync bucket), gloo's clones of every bucket in flight, and the shares."""
+        m = self.model
+        launch = np.minimum(one[0], SYNC_BUCKET_BYTES) + m.scatter_clone * one[0]
+        return np.minimum(launch, m.gradient_in_flight_bytes) + one[1]
 
     def add(self, s: Slice) -> None:
         m = self.graph.metaops[s.metaop]
@@ -416,6 +435,7 @@ class MemoryLedger:
         self.grad_transient[devs] = np.maximum(self.grad_transient[devs],
                                                self._gradient_transient(ids, self.stage_bound))
         self.sharded_weights[devs] += self._sharded_weights(ids) @ new
+        self.stage1[:, devs] += self._stage1(ids, self.stage_bound, float(len(devs))) @ new
         self._log.append((devs, ids, act.transient))
         for d in devs.tolist():
             self.metaops_on[d].append(s.metaop)
@@ -445,6 +465,9 @@ class MemoryLedger:
             for devs, ids, _ in self._log:
                 in_flight[devs] = np.maximum(in_flight[devs],
                                              self._gradient_transient(ids, stage))
+        one = np.where(stage == 1, self.index.grad_sizes * m.grad_bytes, 0.0)
+        in_flight = in_flight + self._launch_bytes(
+            np.stack([one @ self.holds, (one / np.maximum(group, 1)) @ self.holds]))
         devices = [
             DeviceMemory(d, float(param_bytes[d]), float(self.saved[d]),
                          float(self.transient[d]),
@@ -474,15 +497,3 @@ def memory_report(
         for s in wave.slices:
             ledger.add(s)
     return ledger.report(capacity_bytes)
-
-
-def pool_sizes(plan: Plan, index: ParameterIndex, holds: np.ndarray | None = None
-               ) -> dict[tuple[int, ...], float]:
-    """Device group -> trainable parameters held by exactly those devices (the runtime's pools
-    D -> {W}, docs/method.md section 8.3: what the sync all-reduces and the optimizer steps).  A
-    contrastive-loss slice counts only its executing device.  ``holds``: the plan's
-    :func:`spindle.plan.layout.parameter_use` holdings, when already known."""
-    if holds is None:
-        holds, _ = parameter_use(plan, index)
-    return {group: float(index.grad_sizes[ids].sum())
-            for group, ids in parameter_pools(holds).items()}

@@ -414,3 +414,15 @@ def sync_buckets(
                                   0 if stage is None else int(stage[run[0]])))
     out.sort(key=lambda b: (-b.ready_wave, b.ready_fraction))  # stable: pools in order
     return out
+
+
+def pool_sizes(plan: Plan, index: ParameterIndex, holds: np.ndarray | None = None
+               ) -> dict[tuple[int, ...], float]:
+    """Device group -> trainable parameters held by exactly those devices (the runtime's pools
+    D -> {W}, docs/method.md section 8.3: what the sync all-reduces and the optimizer steps).  A
+    contrastive-loss slice counts only its executing device.  ``holds``: the plan's
+    :func:`parameter_use` holdings, when already known."""
+    if holds is None:
+        holds, _ = parameter_use(plan, index)
+    return {group: float(index.grad_sizes[ids].sum())
+            for group, ids in parameter_pools(holds).items()}

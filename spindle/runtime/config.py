@@ -83,6 +83,11 @@ class RunConfig:
         f"a sync bucket ends where the ready wave changes once it holds N bytes (default"
         f" {SYNC_MIN_BUCKET_BYTES}; 0: one bucket per ready point, layer or wave)",
         metavar="N"))
+    transfer_chunks: int = field(default=1, metadata=_opt(
+        "send a slice's output rows to other ranks in K chunks, each as soon as it is computed"
+        " (and its input gradients likewise in backward), from the second iteration on; 1:"
+        " everything at the wave boundary (default: what measures best on gloo, BENCHMARKS.md)",
+        metavar="K"))
     recompute: bool = field(default=False, metadata=_opt(
         "recompute every operator's activations in backward (torch.utils.checkpoint per layer;"
         " the memory model's --recompute): less memory, one more forward"))
@@ -146,6 +151,8 @@ class RunConfig:
             raise ConfigError(f"--keep {self.keep}: must be at least 0")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume: needs --checkpoint-dir DIR (where to resume from)")
+        if not 1 <= self.transfer_chunks <= 64:
+            raise ConfigError(f"--transfer-chunks {self.transfer_chunks}: must be 1 to 64")
         if self.min_bucket_bytes < 0:
             raise ConfigError(f"--min-bucket-bytes {self.min_bucket_bytes}: must be at least 0")
         implied = {"fp32": "float32", "fp64": "float64", "bf16-mixed": "float32"}

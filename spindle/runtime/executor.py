@@ -33,10 +33,12 @@ from spindle.declare.workload import Workload
 from spindle.layers import provider_for
 from spindle.layers.chain import run_chain
 from spindle.layers.provider import Activation
+from spindle.layers.user import UserProvider
 from spindle.plan.contract import Plan, Slice
 from spindle.plan.layout import RowRange, SliceRef, ValueKey
-from spindle.runtime.config import RunConfig, check_autocast
+from spindle.runtime.config import ConfigError, RunConfig, check_autocast
 from spindle.runtime.data import TaskData, task_data
+from spindle.runtime.edges import Edge, TransmissionSchedule
 from spindle.runtime.localise import (
     LocalModel,
     localise,
@@ -45,7 +47,7 @@ from spindle.runtime.localise import (
 )
 from spindle.runtime.metrics import PhaseTimer, RankIteration
 from spindle.runtime.param_groups import ParameterGroups
-from spindle.runtime.transmission import TransmissionSchedule, Transmitter
+from spindle.runtime.transmission import Transmitter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class _SliceRecord:
     value: ValueKey  # the slice's output
     leaves: dict[int, Activation]  # edge id -> input leaves
     output: Activation | torch.Tensor  # activation tuple, or a loss scalar
+    # a slice computed in chunks: each chunk's batch rows and output (its own autograd graph)
+    chunks: list[tuple[RowRange, Activation | torch.Tensor]] | None = None
 
 
 @dataclass
@@ -106,6 +110,12 @@ class WaveExecutor:
         # gradient send (the sync overlap)
         self.before_backward: Callable[[int], None] | None = None
         self.after_backward: Callable[[int], None] | None = None
+        # called before each chunk's backward of a chunked slice: whether it is the last one
+        # (the layer-granular sync counts a gradient final only then)
+        self.on_chunk: Callable[[bool], None] | None = None
+        self._from_wave: dict[int, list[Edge]] = {}
+        for e in self.schedule.edges:
+            self._from_wave.setdefault(e.producer.wave, []).append(e)
 
     # -- input data -----------------------------------------------------------------------------
     def prepare_data(self, step: int) -> None:
@@ -147,6 +157,7 @@ class WaveExecutor:
         for w in range(num_waves):
             with self.timer.phase("send_recv"):
                 arrived = self.transmitter.forward(w, produced)
+                self.transmitter.post_receives(self._from_wave.get(w, ()), backward=False)
             mine = self.my_slices.get(w)
             if mine is None:
                 continue
@@ -156,14 +167,14 @@ class WaveExecutor:
                     enabled=self.autocast is not None):
                 leaves = {eid: _as_leaves(act, self.schedule.edges[eid].grad)
                           for eid, act in arrived.items()}
-                out = self._run_slice(ref, s, leaves)
-                if self.autocast is not None and not isinstance(out, torch.Tensor):
-                    # a slice hands its consumers its output in the compute dtype (autocast
-                    # leaves the residual stream in float32): half the bytes between waves
-                    out = tuple(t.to(self.autocast) if t.is_floating_point() else t
-                                for t in out)
                 value = (s.metaop, s.layer_end - 1)
-                records[w] = _SliceRecord(ref, value, leaves, out)
+                bounds = self.transmitter.chunk_rows(ref)
+                if bounds is None:
+                    out = self._compute_dtype(self._run_slice(ref, s, leaves))
+                    records[w] = _SliceRecord(ref, value, leaves, out)
+                else:
+                    records[w] = self._run_chunks(ref, s, leaves, bounds)
+                    out = records[w].output
                 if isinstance(out, torch.Tensor):
                     task = self.plan.metaops[s.metaop].task
                     prev = result.task_losses.get(task)
@@ -177,6 +188,8 @@ class WaveExecutor:
             input_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
             if self.before_backward is not None:
                 self.before_backward(w)
+            with self.timer.phase("send_recv"):
+                self.transmitter.post_receives(self.schedule.into_wave.get(w, ()), backward=True)
             rec = records.pop(w, None)
             if rec is not None:
                 with self.timer.phase("compute"):
@@ -191,11 +204,44 @@ class WaveExecutor:
                 self.after_backward(w)
         return result
 
+    def _compute_dtype(self, out: Activation | torch.Tensor) -> Activation | torch.Tensor:
+        """A slice hands its consumers its output in the compute dtype (autocast leaves the
+        residual stream in float32): half the bytes between waves."""
+        if self.autocast is None or isinstance(out, torch.Tensor):
+            return out
+        return tuple(t.to(self.autocast) if t.is_floating_point() else t for t in out)
+
+    def _run_chunks(self, ref: SliceRef, s: Slice, leaves: dict[int, Activation],
+                    bounds: list[RowRange]) -> _SliceRecord:
+        """Slice ``s`` computed chunk by chunk of its rows (``bounds``), each chunk's rows sent
+        to their consumers on other ranks as soon as computed (chunked transfers)."""
+        rows = rows_on(self.plan, s, self.rank)
+        assert rows is not None
+        outputs = self.schedule.outputs_of.get(ref, ())
+        chunks: list[tuple[RowRange, Activation | torch.Tensor]] = []
+        for c, b in enumerate(bounds):
+            at = slice(b.start - rows.start, b.end - rows.start)
+            part = {eid: tuple(t[at] for t in act) for eid, act in leaves.items()}
+            out = self._compute_dtype(self._run_slice(ref, s, part, at))
+            if not isinstance(out, torch.Tensor):
+                # posted, not waited for (inside the compute phase): the next chunk runs
+                # meanwhile
+                self.transmitter.send_chunk(outputs, c, b, _constant(out), False)
+            chunks.append((b, out))
+        whole: Activation | torch.Tensor
+        if isinstance(chunks[0][1], torch.Tensor):  # a chain ending in a row-wise loss: the sum
+            whole = torch.stack([o.detach() for _, o in chunks]).sum()  # type: ignore[union-attr]
+        else:
+            whole = tuple(torch.cat([o[i].detach() for _, o in chunks])
+                          for i in range(len(chunks[0][1])))
+        return _SliceRecord(ref, (s.metaop, s.layer_end - 1), leaves, whole, chunks)
+
     def _run_slice(
-        self, ref: SliceRef, s: Slice, leaves: dict[int, Activation]
+        self, ref: SliceRef, s: Slice, leaves: dict[int, Activation], part: slice | None = None,
     ) -> Activation | torch.Tensor:
-        """The operators of slice ``s`` on this rank's rows; its inputs are ``leaves``: the
-        carry of its MetaOp, or the outputs of its producers by stage."""
+        """The operators of slice ``s`` on this rank's rows (``part``: those of one chunk);
+        its inputs are ``leaves``: the carry of its MetaOp, or the outputs of its producers by
+        stage."""
         metaop = self.plan.metaops[s.metaop]
         edges = self.schedule.inputs_of.get(ref, ())
         rows = rows_on(self.plan, s, self.rank)
@@ -210,12 +256,17 @@ class WaveExecutor:
                 inputs[self.plan.metaops[e.value[0]].layers[-1].stage] = leaves[e.id]
         refs = metaop.layers[s.layer_start:s.layer_end]
         batch = self._batch.get((metaop.task, rows), {})
+        if part is not None:
+            batch = {f: t[part] for f, t in batch.items()}
         return run_chain(self.provider, self.local.modules, refs, inputs, carry, batch,
                          metaop.batch, self.recompute or s.metaop in self.plan.recompute)
 
     def _backward_slice(
         self, rec: _SliceRecord, output_grads: dict[ValueKey, list[torch.Tensor | None]]
     ) -> None:
+        if rec.chunks is not None:
+            self._backward_chunks(rec, output_grads.pop(rec.value, None))
+            return
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         if isinstance(rec.output, torch.Tensor):
@@ -231,6 +282,41 @@ class WaveExecutor:
                         grads.append(g)
         if roots:
             torch.autograd.backward(roots, grads)
+
+
+    def _backward_chunks(self, rec: _SliceRecord,
+                         arrived: list[torch.Tensor | None] | None) -> None:
+        """The backward of a chunked slice chunk by chunk, last first; after each, the
+        gradients of its input rows go to their producers on other ranks."""
+        assert rec.chunks is not None
+        s = self.plan.waves[rec.ref.wave].slices[rec.ref.index]
+        rows = rows_on(self.plan, s, self.rank)
+        assert rows is not None
+        inputs = self.schedule.inputs_of.get(rec.ref, ())
+        for c in reversed(range(len(rec.chunks))):
+            b, out = rec.chunks[c]
+            at = slice(b.start - rows.start, b.end - rows.start)
+            if self.on_chunk is not None:
+                self.on_chunk(c == 0)
+            if isinstance(out, torch.Tensor):
+                pairs = [(out, torch.ones_like(out))] if out.requires_grad else []
+            else:
+                pairs = [(t, g[at]) for t, g in zip(out, arrived or ())
+                         if g is not None and t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+            def grads(e: Edge, at: slice = at) -> list[torch.Tensor | None]:
+                return [t.grad[at] if t.requires_grad and t.grad is not None else None
+                        for t in rec.leaves[e.id]]
+
+            self.transmitter.send_chunk(inputs, c, b, grads, True)
+        if self.on_chunk is not None:
+            self.on_chunk(True)
+
+
+def _constant(out: Activation) -> Callable[[Edge], Activation]:
+    return lambda _: out
 
 
 def _as_leaves(act: Activation, grad: bool) -> Activation:
@@ -283,11 +369,19 @@ class TrainingRun:
         )
         self.groups.attach(self.local.params)
         schedule = TransmissionSchedule.build(plan)
-        self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout)
+        if config.transfer_chunks > 1 and device.type == "cuda":
+            raise ConfigError(f"--transfer-chunks {config.transfer_chunks}: chunked transfers"
+                              " run on gloo (CPU) only so far; use 1 on CUDA")
+        # a user's module is probed row-wise only where a plan splits its batch over devices:
+        # only then are its one-device slices computed in chunks too
+        self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout,
+                                       chunks=config.transfer_chunks,
+                                       chunk_single=not isinstance(provider, UserProvider))
         self.timer = PhaseTimer(device)
         self.executor = WaveExecutor(plan, rank, self.local, self.transmitter, self.timer,
                                      config.seed, dtype, device, config.data_workers)
         self.executor.recompute = config.recompute
+        self.executor.on_chunk = self.groups.count_hooks
         if config.autocast_dtype is not None:
             check_autocast(device, config.autocast_dtype)
             self.executor.autocast = config.autocast_dtype

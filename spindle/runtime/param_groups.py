@@ -191,6 +191,7 @@ class ParameterGroups:
         self._bucket_of: dict[str, int] = {}
         self._waiting: list[int] = []
         self._wave = -1
+        self._counting = True
         self._params: Mapping[str, torch.nn.Parameter] | None = None
         if layer:
             local = _earliest_local_wave(plan, index, rank)
@@ -217,9 +218,14 @@ class ParameterGroups:
         for name in self._bucket_of:
             params[name].register_post_accumulate_grad_hook(self._hook(name))
 
+    def count_hooks(self, on: bool) -> None:
+        """Whether the post-accumulate-grad hooks count (off through the backward of a chunked
+        slice's chunks but the last: a parameter's gradient is final only after that one)."""
+        self._counting = on
+
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def final(_: torch.Tensor) -> None:
-            if self._wave != self._final_wave[name]:
+            if not self._counting or self._wave != self._final_wave[name]:
                 return  # a later wave's backward on this rank: more gradient still to come
             i = self._bucket_of[name]
             self._waiting[i] -= 1
@@ -230,7 +236,8 @@ class ParameterGroups:
     def _stage2_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def final(_: torch.Tensor) -> None:
             assert self.stage2 is not None and self._params is not None
-            self.stage2.hook(name, self._params)
+            if self._counting:
+                self.stage2.hook(name, self._params)
         return final
 
     def begin_backward(self, wave: int) -> None:

@@ -18,8 +18,17 @@ from several consumers of one value are summed.  Receivers learn the trailing sh
 of a value from a small fixed-size header the first time a boundary runs; afterwards the cached
 shapes are used (the plan and the data shapes are fixed for a run).
 
-:class:`TransmissionSchedule` is pure (no torch.distributed) and is what tests and the byte
-accounting inspect; :class:`Transmitter` does the communication on one rank.
+:class:`~spindle.runtime.edges.TransmissionSchedule` (pure) says what moves;
+:class:`Transmitter` does the communication on one rank.
+
+Chunked transfers (``--transfer-chunks K``, T3's idea in software): from the second iteration
+on (when every receiver knows the shapes), a slice is computed in K row chunks
+(:meth:`TransmissionSchedule.chunk_bounds`) and each chunk's rows for other ranks are sent
+(``isend``) as soon as computed, while the next chunk computes; the receivers posted their
+``irecv`` at the start of the producers' wave and wait at the consumers' boundary.  In backward
+the consumer runs its chunks' backward last first and sends each chunk's input gradients at
+once, to receives posted before the consumers' wave's backward.  Both ends post a pair's chunked
+messages in one order (chunk, edge, piece, tensor) under one tag per direction.
 """
 
 from __future__ import annotations
@@ -27,93 +36,19 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Mapping, MutableMapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-from spindle.plan.contract import Plan
-from spindle.plan.layout import (
-    Piece,
-    SliceRef,
-    ValueKey,
-    iter_slices,
-    pieces,
-    slice_inputs,
-    slice_rows,
-)
+from spindle.plan.layout import Piece, RowRange, SliceRef, ValueKey
+from spindle.runtime.edges import Edge, TransmissionSchedule
 
 log = logging.getLogger(__name__)
 
 Activation = tuple[torch.Tensor, ...]
-
-# --- the schedule: pure bookkeeping from the plan ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Edge:
-    """Value ``value`` produced by slice ``producer`` and read by slice ``consumer``."""
-
-    id: int
-    value: ValueKey
-    producer: SliceRef
-    consumer: SliceRef
-    pieces: tuple[Piece, ...]  # ordered by (dst, rows.start)
-    grad: bool = True  # a gradient travels back (False: the producer runs no backward)
-
-
-@dataclass
-class TransmissionSchedule:
-    """All edges of a plan, indexed by the wave of their consumer."""
-
-    plan: Plan
-    edges: tuple[Edge, ...]
-    producer_of: dict[ValueKey, SliceRef]
-    into_wave: dict[int, tuple[Edge, ...]] = field(default_factory=dict)
-    inputs_of: dict[SliceRef, tuple[Edge, ...]] = field(default_factory=dict)
-
-    @staticmethod
-    def build(plan: Plan) -> "TransmissionSchedule":
-        producer_of: dict[ValueKey, SliceRef] = {}
-        slices = dict(iter_slices(plan.waves))
-        for ref, s in slices.items():
-            for layer in range(s.layer_start, s.layer_end):
-                producer_of[(s.metaop, layer)] = ref
-        edges: list[Edge] = []
-        for ref, s in slices.items():
-            metaop = plan.metaops[s.metaop]
-            for value in slice_inputs(plan.metaops, s.metaop, s.layer_start):
-                src_ref = producer_of[value]
-                src_slice = plan.waves[src_ref.wave].slices[src_ref.index]
-                if plan.metaops[value[0]].batch != metaop.batch:
-                    raise ValueError(
-                        f"MetaOp {s.metaop} (batch {metaop.batch}) reads MetaOp {value[0]}"
-                        f" (batch {plan.metaops[value[0]].batch}): batches must match"
-                    )
-                moves = pieces(slice_rows(plan.metaops[src_slice.metaop], src_slice.devices),
-                               slice_rows(metaop, s.devices))
-                edges.append(Edge(len(edges), value, src_ref, ref, moves,
-                                  plan.metaops[value[0]].backward))
-        into: dict[int, list[Edge]] = defaultdict(list)
-        inputs: dict[SliceRef, list[Edge]] = defaultdict(list)
-        for e in edges:
-            into[e.consumer.wave].append(e)
-            inputs[e.consumer].append(e)
-        return TransmissionSchedule(
-            plan, tuple(edges), producer_of,
-            {w: tuple(es) for w, es in into.items()},
-            {r: tuple(es) for r, es in inputs.items()},
-        )
-
-    def remote_rows(self) -> list[tuple[int, int, int, ValueKey]]:
-        """``(src, dst, rows, value)`` for every piece that crosses ranks (forward direction)."""
-        return [
-            (p.src, p.dst, p.rows.size, e.value)
-            for e in self.edges for p in e.pieces if not p.is_local
-        ]
-
 
 # --- the runtime side -------------------------------------------------------------------------
 
@@ -125,6 +60,7 @@ _MAX_TENSORS = 8  # tensors per activation tuple a header can describe
 _MAX_DIMS = 6  # trailing dimensions per tensor a header can describe
 _HEADER_PER_VALUE = 1 + _MAX_TENSORS * (2 + _MAX_DIMS)
 _HEADER_TAG = 1000
+_EARLY_TAG = 1100  # chunked messages (forward; + 1 backward), matched in posting order
 
 
 @dataclass(frozen=True)
@@ -241,6 +177,8 @@ class Transmitter:
         device: torch.device,
         group: dist.ProcessGroup | None = None,
         timeout_s: float | None = None,
+        chunks: int = 1,
+        chunk_single: bool = True,
     ) -> None:
         self.schedule = schedule
         self.rank = rank
@@ -251,17 +189,132 @@ class Transmitter:
         self._specs: dict[ValueKey, tuple[TensorSpec, ...]] = {}
         self._routes: dict[int, WaveRoutes] = {}
         self._headers_done: set[int] = set()  # waves whose forward boundary sent headers
+        # chunked transfers (module docstring): from the second iteration on (the receivers
+        # know every value's shapes), a chunked slice's rows travel as soon as computed
+        self.chunks = chunks
+        self.chunk_single = chunk_single  # a one-device slice may be computed in chunks
+        self.iteration = 0
+        self._early_in: dict[tuple[int, bool], list[tuple[Piece, int, torch.Tensor,
+                                                          dist.Work]]] = {}
+        self._early_out: list[tuple[dist.Work, torch.Tensor]] = []
 
     def routes(self, wave: int) -> WaveRoutes:
         if wave not in self._routes:
             self._routes[wave] = WaveRoutes.of(self.schedule.into_wave.get(wave, ()), self.rank)
         return self._routes[wave]
 
+    # -- chunked transfers --------------------------------------------------------------------
+    def chunk_rows(self, ref: SliceRef, rank: int | None = None) -> list[RowRange] | None:
+        """The chunks (batch rows) ``rank``'s rows of slice ``ref`` are computed and sent in
+        this iteration, or None (the same answer on every rank)."""
+        if self.iteration < 2:
+            return None
+        s = self.schedule.plan.waves[ref.wave].slices[ref.index]
+        if s.n == 1 and not self.chunk_single:
+            return None
+        return self.schedule.chunk_bounds(ref, self.rank if rank is None else rank, self.chunks)
+
+    def _sub_pieces(self, e: Edge, p: Piece, backward: bool
+                    ) -> list[tuple[int, Piece]] | None:
+        """``p`` cut at the chunks of the rank that sends it (forward: the producer's rows,
+        backward: the consumer's), as (chunk, piece); None when that slice is not chunked."""
+        ref, rank = (e.consumer, p.dst) if backward else (e.producer, p.src)
+        bounds = self.chunk_rows(ref, rank)
+        if bounds is None:
+            return None
+        out = []
+        for c, b in enumerate(bounds):
+            rows = p.rows.overlap(b)
+            if rows is not None:
+                out.append((c, Piece(p.src, p.dst, rows, p.src_rows, p.dst_rows)))
+        return out
+
+    def _early_items(self, e: Edge, backward: bool) -> list[tuple[int, Piece, int]]:
+        """(chunk, piece, tensor) of every message of edge ``e`` that travels chunk by chunk,
+        in the order both ends post them (chunk, piece, tensor; backward: chunks last first)."""
+        specs = self._specs.get(e.value)
+        if specs is None or (backward and not e.grad):
+            return []
+        out = []
+        for p in e.pieces:
+            if p.is_local or self.rank not in (p.src, p.dst):
+                continue
+            subs = self._sub_pieces(e, p, backward)
+            for c, sub in subs or ():
+                out += [(c, sub, i) for i, spec in enumerate(specs)
+                        if not backward or spec.carries_grad]
+        return out
+
+    def post_receives(self, edges: Sequence[Edge], backward: bool) -> None:
+        """Post this rank's receives of ``edges``' chunked messages (forward: at the start of
+        the producers' wave; backward: before the consumers' backward)."""
+        items = [(c, e, sub, i) for e in edges for c, sub, i in self._early_items(e, backward)]
+        # the senders' order: chunk by chunk (stable: edges, pieces, tensors within one)
+        for _, e, sub, i in sorted(items, key=lambda x: -x[0] if backward else x[0]):
+            peer = sub.dst if backward else sub.src
+            if peer == self.rank:
+                continue
+            spec = self._specs[e.value][i]
+            buf = torch.empty((sub.rows.size, *spec.trailing), dtype=spec.dtype,
+                              device=self.device)
+            work = dist.irecv(buf, peer, self.group, _EARLY_TAG + backward)
+            assert work is not None
+            self._early_in.setdefault((e.id, backward), []).append((sub, i, buf, work))
+
+    def send_chunk(self, edges: Sequence[Edge], chunk: int, rows: RowRange,
+                   tensors: Callable[[Edge], Sequence[torch.Tensor | None]],
+                   backward: bool) -> None:
+        """Send chunk ``chunk`` (batch rows ``rows``, held as ``tensors(edge)``: one per tensor
+        of the value, rows ``rows`` only; None: a zero gradient) of every edge in ``edges``."""
+        sent = 0
+        for e in edges:
+            for c, sub, i in self._early_items(e, backward):
+                peer = sub.src if backward else sub.dst
+                if c != chunk or peer == self.rank:
+                    continue
+                t = tensors(e)[i]
+                at = slice(sub.rows.start - rows.start, sub.rows.end - rows.start)
+                if t is None:
+                    spec = self._specs[e.value][i]
+                    part = torch.zeros((sub.rows.size, *spec.trailing), dtype=spec.dtype,
+                                       device=self.device)
+                else:  # a copy: later chunks' backward may still write the gradient buffer
+                    part = t[at].clone() if backward else t[at].contiguous()
+                sent += part.numel() * part.element_size()
+                work = dist.isend(part, peer, self.group, _EARLY_TAG + backward)
+                assert work is not None
+                self._early_out.append((work, part))
+        if backward:
+            self.counters.backward_bytes += sent
+        else:
+            self.counters.forward_bytes += sent
+
+    def _early_received(self, edges: Sequence[Edge], backward: bool
+                        ) -> list[tuple[Edge, Piece, int, torch.Tensor]]:
+        """Wait for the chunked messages of ``edges`` (and for this rank's own sends)."""
+        out = []
+        for e in edges:
+            for sub, i, buf, work in self._early_in.pop((e.id, backward), ()):
+                self._wait_work(work)
+                out.append((e, sub, i, buf))
+        while self._early_out:
+            self._wait_work(self._early_out.pop(0)[0])
+        return out
+
+    def _wait_work(self, work: dist.Work) -> None:
+        if self._timeout is None:
+            work.wait()
+        elif not work.wait(self._timeout):
+            raise TimeoutError(f"no answer from a peer within"
+                               f" {self._timeout.total_seconds():.0f} s")
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, wave: int, produced: Mapping[ValueKey, Activation]) -> dict[int, Activation]:
         """Run the boundary before ``wave``: returns edge id -> this rank's rows of the value,
         for every edge into ``wave`` whose consumer runs on this rank.  ``produced`` holds this
         rank's rows of every value it computed so far."""
+        if wave == 0:
+            self.iteration += 1
         routes = self.routes(wave)
         for value, act in produced.items():
             self._specs.setdefault(value, _spec_of(act))
@@ -273,10 +326,12 @@ class Transmitter:
             return produced[item.edge.value][item.tensor][item.piece.src_index()]
 
         received = self._exchange(
-            {q: self._items(r) for q, r in routes.to_peer.items()},
-            {q: self._items(r) for q, r in routes.from_peer.items()},
+            {q: self._items(self._at_boundary(r, False)) for q, r in routes.to_peer.items()},
+            {q: self._items(self._at_boundary(r, False)) for q, r in routes.from_peer.items()},
             payload, backward=False,
         )
+        early = self._early_received(self.schedule.into_wave.get(wave, ()), backward=False)
+        received += [(_Item(e, sub, i), t) for e, sub, i, t in early]
         # edge id -> first row of a piece -> the piece's tensors
         parts: dict[int, dict[int, list[torch.Tensor | None]]] = defaultdict(dict)
         for e, p in routes.local:
@@ -317,10 +372,14 @@ class Transmitter:
 
         # gradients travel the forward routes backwards: to the producers, from the consumers
         received = self._exchange(
-            {q: self._items(r, grads_only=True) for q, r in routes.from_peer.items()},
-            {q: self._items(r, grads_only=True) for q, r in routes.to_peer.items()},
+            {q: self._items(self._at_boundary(r, True), grads_only=True)
+             for q, r in routes.from_peer.items()},
+            {q: self._items(self._at_boundary(r, True), grads_only=True)
+             for q, r in routes.to_peer.items()},
             payload, backward=True,
         )
+        early = self._early_received(self.schedule.into_wave.get(wave, ()), backward=True)
+        received += [(_Item(e, sub, i), t) for e, sub, i, t in early]
         for e, p in routes.local:
             for i, g in enumerate(input_grads[e.id]):
                 if g is not None and self._specs[e.value][i].carries_grad:
@@ -329,6 +388,10 @@ class Transmitter:
             _accumulate(output_grads, produced, item.edge.value, item.tensor, item.piece, g)
 
     # -- messages -----------------------------------------------------------------------------
+    def _at_boundary(self, routes: Sequence[Route], backward: bool) -> list[Route]:
+        """The routes that travel at the boundary: those not sent chunk by chunk."""
+        return [(e, p) for e, p in routes if self._sub_pieces(e, p, backward) is None]
+
     def _items(self, routes: Sequence[Route], grads_only: bool = False) -> list[_Item]:
         return [
             _Item(e, p, i)

@@ -137,3 +137,26 @@ def test_spindle_plan_trains_like_one_process_float32(tmp_path: Path, workload: 
                        {n: v for n, v in want.items() if n not in free}, 5e-5, 1e-4, tag)
         for n in free:
             assert float((got[n] - want[n]).abs().max()) <= 4 * STEPS * lr, f"{tag}: {n}"
+
+
+@pytest.mark.parametrize("case", [("tiny-ofasys", 2), ("tiny-multitask-clip", 2),
+                                  ("tiny-qwen-val", 2), ("tiny-ofasys", 4)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_chunked_transfers_train_like_one_process(tmp_path: Path, case: tuple[str, int]) -> None:
+    """``--transfer-chunks 3``: from the second iteration on, every slice computed in three
+    row chunks, each chunk's rows sent as soon as computed and its input gradients likewise
+    in backward, with the layer-granular sync (whose hooks must count a gradient final only
+    after a slice's last chunk), on every planner's plan and with ZeRO-2 and recomputation."""
+    workload, nproc = case
+    plans = all_plans(load_workload(workload), nproc)
+    plans.update({k: v for k, v in zero_plans(plans).items() if k in ("mixed-zero1",
+                                                                          "spindle-zero2")})
+    plans["mixed-recompute"] = replace(plans["mixed"],
+                                       recompute=tuple(m.id for m in plans["mixed"].metaops))
+    out = _train_plans(tmp_path, workload, nproc, plans, "float64",
+                       ("--transfer-chunks", "3", "--min-bucket-bytes", "0",
+                        "--sync-start", "layer"))
+    want = reference(workload, "float64")
+    for label in plans:
+        got = torch.load(out / label / "params.pt")
+        assert_matches(got, want, atol=1e-9, rtol=1e-9, label=f"{workload}/{nproc}/{label}")

@@ -11,11 +11,11 @@ from spindle.costs.graph import contract
 from spindle.costs.memory import (
     MemoryLedger,
     memory_report,
-    pool_sizes,
 )
 from spindle.declare.workload import load_workload
 from spindle.plan.checks import validate_plan
 from spindle.plan.contract import Plan, Slice, Wave
+from spindle.plan.layout import pool_sizes
 from spindle.planner.baselines import place_naive
 from spindle.planner.placement import (
     PlacementError,

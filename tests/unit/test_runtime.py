@@ -26,9 +26,9 @@ from spindle.plan.layout import (
     sync_buckets,
 )
 from spindle.runtime.config import RunConfig
+from spindle.runtime.edges import TransmissionSchedule
 from spindle.runtime.localise import executing_ranks, localise, rows_on
 from spindle.runtime.metrics import PHASES, RankIteration, combine_ranks
-from spindle.runtime.transmission import TransmissionSchedule
 from tests.fixtures import synthetic_graph
 from tests.plans import (
     WORKLOADS,
@@ -422,7 +422,7 @@ def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) ->
                         overlap_sync=False, min_bucket_bytes=7, progress=False,
                         data_workers=2, checkpoint_dir="ck", checkpoint_every=4, keep=1,
                         resume=True, sync_start="wave", recompute=True, precision="fp64",
-                        reduce_dtype="bf16", zero=2)
+                        reduce_dtype="bf16", zero=2, transfer_chunks=3)
     assert all(getattr(changed, f.name) != f.default for f in dataclasses.fields(RunConfig))
     launcher_args = parser.parse_args(["tiny-ofasys", *changed.to_argv()])
     entry_args = build_parser().parse_args(train_arguments(launcher_args, plan))
@@ -432,7 +432,7 @@ def test_spindle_train_carries_every_run_option_to_every_rank(tmp_path: Path) ->
 @pytest.mark.parametrize("argv, needle", [
     (["--steps", "-1"], "--steps -1"), (["--lr", "nan"], "--lr nan"), (["--timeout", "0"],
      "--timeout 0"), (["--clip", "-1"], "--clip -1"), (["--min-bucket-bytes", "-2"],
-     "--min-bucket-bytes -2"),
+     "--min-bucket-bytes -2"), (["--transfer-chunks", "0"], "--transfer-chunks 0"),
 ])
 def test_bad_run_options_are_one_line_before_anything_starts(argv: list[str], needle: str) -> None:
     from spindle.runtime.config import ConfigError

@@ -4,9 +4,9 @@ import pytest
 
 from spindle.costs.estimator import TableEstimator
 from spindle.costs.graph import contract
-from spindle.costs.memory import pool_sizes
 from spindle.declare.workload import load_workload
 from spindle.plan.contract import Plan, Slice, Wave
+from spindle.plan.layout import pool_sizes
 from spindle.planner.simulator import Links, simulate
 
 
@@ -73,7 +73,7 @@ def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
     nothing else: so ``predicted_send_bytes`` is what the runtime's counters must read."""
     from spindle.planner.pipeline import build_plan, make_context
     from spindle.planner.simulator import inter_wave_transfers, predicted_send_bytes
-    from spindle.runtime.transmission import TransmissionSchedule
+    from spindle.runtime.edges import TransmissionSchedule
 
     moved = 0.0
     for placement, planner in (("spindle", "spindle"), ("naive", "spindle"),
@@ -130,7 +130,7 @@ def test_optimizer_term_grows_with_the_parameters_a_device_holds(clip):
 
 def test_p2p_latency_counts_one_exchange_per_peer_per_boundary_and_direction(clip):
     from spindle.planner.simulator import communication
-    from spindle.runtime.transmission import TransmissionSchedule
+    from spindle.runtime.edges import TransmissionSchedule
 
     w, g, est = clip
     p = _split_plan(w, g)
