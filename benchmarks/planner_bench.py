@@ -26,6 +26,7 @@ from spindle.plan.contract import schedule_length
 from spindle.planner.pipeline import BASELINES, evaluate, make_context
 from spindle.planner.placement import PlacementError
 from spindle.planner.registry import plan_waves
+from spindle.planner.simulator import simulate
 
 PAPER = ["multitask-clip-4", "multitask-clip-7", "multitask-clip-10", "ofasys-4", "ofasys-7",
          "qwen-val-3"]
@@ -99,7 +100,8 @@ def main() -> None:
 
     planners = ("spindle",) + BASELINES
     header = ("| workload | N | " + " | ".join(f"{p} (ms)" for p in planners)
-              + " | vs seq | vs best baseline | comm hidden | layer-sync gain | sched/C*"
+              + " | vs seq | vs best baseline | comm hidden | layer-sync gain | 4-chunk gain"
+              " | sched/C*"
               " | wavefront sched/C* | waves | chosen | plan (s) | paper |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     worst_cstar = worst_plan = 0.0
@@ -118,6 +120,9 @@ def main() -> None:
             wave_ctx = dataclasses.replace(
                 ctx, links=dataclasses.replace(ctx.links, sync_start="wave"))
             wave = evaluate(wave_ctx, "spindle").simulation.makespan_s
+            # the same plan with its transfers sent in 4 chunks (--transfer-chunks 4)
+            chunked = simulate(sp.plan, ctx.graph, ctx.estimator, dataclasses.replace(
+                ctx.links, transfer_chunks=4)).makespan_s
             wavefront = schedule_length(plan_waves("spindle", ctx.graph, ctx.estimator, n))
             ratio_c = sp.simulation.schedule_s / sp.relaxed_optimum_s
             ratio_w = wavefront / sp.relaxed_optimum_s
@@ -127,6 +132,7 @@ def main() -> None:
                 f"| {name} | {n} | " + " | ".join(f"{ms[p] * 1e3:.1f}" for p in planners)
                 + f" | {ms['sequential'] / ms['spindle']:.2f}x | {best / ms['spindle']:.2f}x"
                 f" | {100 * sp.simulation.hidden_share:.0f}% | {wave / ms['spindle']:.2f}x"
+                f" | {ms['spindle'] / chunked:.3f}x"
                 f" | {ratio_c:.3f} | {ratio_w:.3f} | {len(sp.plan.waves)}"
                 f" | {sp.plan.choice.get('schedule', '')} | {sp.planning_time_s:.3f}"
                 f" | {PAPER_NOTE.get((name, n), '')} |"

@@ -38,6 +38,11 @@ SYNC_VARIANTS: dict[str, dict[str, Any]] = {
     "spindle/sync-wave": {"sync_start": "wave"},
     "spindle/sync-after": {"overlap_sync": False},
 }
+# ... and with its slices' rows sent in K chunks as they are computed (--transfer-chunks K)
+CHUNK_VARIANTS: dict[str, dict[str, Any]] = {
+    "spindle/chunks-2": {"transfer_chunks": 2},
+    "spindle/chunks-4": {"transfer_chunks": 4},
+}
 DEFAULT_WORKLOADS = ("small-multitask-clip", "small-ofasys", "small-qwen-val")
 
 
@@ -89,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
             for p in PLANNED
         }
         # the Spindle plan again with the gradient sync started later (the sync A/B)
-        for label, config in SYNC_VARIANTS.items():
+        for label, config in (SYNC_VARIANTS | CHUNK_VARIANTS).items():
             runs[label] = TrainingRun(workload, load_plan(plans_dir / f"{name}-spindle.json"),
                                       rank, world, device, RunConfig(seed=args.seed, **config))
         iterations: dict[str, list[float]] = {p: [] for p in (*runs, "ddp")}
@@ -246,6 +251,21 @@ def main() -> int:
         comm = 1e3 * (ph["send_recv"] + ph["param_sync"])
         print(f"| {name} | {lay:.1f} | {wav:.1f} | {aft:.1f} | {wav / lay:.3f}x |"
               f" {100 * (aft - lay) / comm:.0f}% | {100 * (aft - wav) / comm:.0f}% |")
+    print("\nChunked transfers (`--transfer-chunks K`: a slice computed in K row chunks, each"
+          " sent as soon as computed; gradients likewise), the Spindle plan in the same launch;"
+          " send/recv = that phase's per-rank mean in the last cycle (chunk sends are posted"
+          " inside the compute phase):\n")
+    print("| workload | K=1 ms | K=2 ms | K=4 ms | K=2 vs 1 | K=4 vs 1 |"
+          " send/recv ms K=1 / 2 / 4 |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, cs in cycles.items():
+        one, two, four = (pooled(cs, k) for k in ("spindle", "spindle/chunks-2",
+                                                  "spindle/chunks-4"))
+        ph = cs[-1].measured["phases_s"]
+        sr = " / ".join(f"{1e3 * ph[k]['send_recv']:.1f}" for k in
+                        ("spindle", "spindle/chunks-2", "spindle/chunks-4"))
+        print(f"| {name} | {one:.1f} | {two:.1f} | {four:.1f} | {one / two:.3f}x |"
+              f" {one / four:.3f}x | {sr} |")
     print("\nSimulator's prediction (compute + send/recv + param sync + optimizer) against the"
           " measured iteration, per cycle (each cycle's own profile), and the median error:\n")
     head = " | ".join(f"cycle {i + 1} pred. / meas. ms" for i in range(args.cycles))

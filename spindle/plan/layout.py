@@ -426,3 +426,39 @@ def pool_sizes(plan: Plan, index: ParameterIndex, holds: np.ndarray | None = Non
         holds, _ = parameter_use(plan, index)
     return {group: float(index.grad_sizes[ids].sum())
             for group, ids in parameter_pools(holds).items()}
+
+
+def inter_wave_transfers(plan: Plan) -> list[list[tuple[int, int, float]]]:
+    """For each wave, the forward transfers into it: ``(src_device, dst_device, elements)`` for
+    every row range that moves between two different devices (the runtime's pieces,
+    :func:`pieces`)."""
+    metaops = plan.metaops
+    producer_rows: dict[int, tuple] = {}  # MetaOp -> rows of its latest slice
+    out: list[list[tuple[int, int, float]]] = []
+    for wave in plan.waves:
+        moves: list[tuple[int, int, float]] = []
+        for s in wave.slices:
+            m = metaops[s.metaop]
+            dst = slice_rows(m, s.devices)
+            for value in slice_inputs(metaops, s.metaop, s.layer_start):
+                per_sample = value_elements(metaops, value)
+                if per_sample <= 0:
+                    continue
+                # producer-major, the order the per-device sums were always taken in
+                for p in sorted(pieces(producer_rows[value[0]], dst),
+                                key=lambda p: (p.src_rows.start, p.rows.start)):
+                    if not p.is_local:
+                        moves.append((p.src, p.dst, p.rows.size * per_sample))
+        for s in wave.slices:
+            producer_rows[s.metaop] = slice_rows(metaops[s.metaop], s.devices)
+        out.append(moves)
+    return out
+
+
+def predicted_send_bytes(plan: Plan, element_bytes: int) -> float:
+    """Bytes sent between different devices in one iteration, forward activations plus the
+    same volume of gradients in backward, with ``element_bytes`` per element (4 for the fp32 CPU
+    runtime).  Local copies (same device) are not counted.  The runtime moves the same pieces,
+    so its measured bytes sent must equal this."""
+    return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan)
+                                     for _, _, e in moves)

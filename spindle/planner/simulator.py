@@ -11,7 +11,11 @@ The simulated iteration is what the runtime does, in order:
   (:func:`spindle.plan.layout.pieces`; a contrastive loss runs on the first device of its group
   with the whole batch); in backward the gradients travel the same way back.  A transfer is
   charged to the link it crosses (intra-node or inter-node); per wave boundary the slowest
-  device's traffic counts, plus one latency of the slowest link crossed;
+  device's traffic counts, plus one latency of the slowest link crossed.  With chunked
+  transfers (``Links.transfer_chunks`` K, the runtime's ``--transfer-chunks``) all but the last
+  chunk of a boundary's traffic run under the forward of the wave before it and under the
+  backward of the wave after it, as far as those last, scaled by ``sync_overlap`` (how much
+  communication really runs beside compute: 0 on the CPU preset, as gloo shares the cores);
 * parameter sync: after backward, every parameter's gradient is all-reduced (ZeRO: reduce-scattered,
   and the updated shards all-gathered after the step, ``gather_s``) inside its device
   group (all devices that execute an operator using it: the runtime's pools,
@@ -21,8 +25,9 @@ The simulated iteration is what the runtime does, in order:
 
 :class:`Links` is what the simulator needs of a cluster; :func:`links_for_cluster` builds it
 from a :class:`spindle.costs.cluster.Cluster`, so the placement, the memory model and the simulator
-see the same nodes and bandwidths.  :func:`predicted_send_bytes` is the bytes the runtime sends
-per iteration for a plan (forward + backward, between different devices).
+see the same nodes and bandwidths.  :func:`~spindle.plan.layout.predicted_send_bytes` is the
+bytes the runtime sends per iteration for a plan (forward + backward, between different
+devices).
 
 * optimizer: every device then clips its gradients by the global norm (one scalar all-reduce
   over all ranks) and steps AdamW over the parameters it holds; the slowest device counts.  Its
@@ -56,15 +61,12 @@ from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
     ParameterIndex,
+    inter_wave_transfers,
     parameter_pools,
     parameter_use,
-    pieces,
     ready_fractions,
     scatter_waves,
-    slice_inputs,
-    slice_rows,
     sync_buckets,
-    value_elements,
     wave_use,
     zero_stages,
 )
@@ -105,6 +107,8 @@ class Links:
     sync_bucket_bytes: float = SYNC_BUCKET_BYTES
     sync_min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES
     sync_start: str = "layer"
+    # the runtime's --transfer-chunks: a slice's rows sent in this many chunks as computed
+    transfer_chunks: int = 1
     # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
     # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
     # and a P2P exchange of that many bytes each way
@@ -260,42 +264,6 @@ class SimulationResult:
         }
 
 
-def inter_wave_transfers(plan: Plan) -> list[list[tuple[int, int, float]]]:
-    """For each wave, the forward transfers into it: ``(src_device, dst_device, elements)`` for
-    every row range that moves between two different devices (the runtime's pieces,
-    :func:`spindle.plan.layout.pieces`)."""
-    metaops = plan.metaops
-    producer_rows: dict[int, tuple] = {}  # MetaOp -> rows of its latest slice
-    out: list[list[tuple[int, int, float]]] = []
-    for wave in plan.waves:
-        moves: list[tuple[int, int, float]] = []
-        for s in wave.slices:
-            m = metaops[s.metaop]
-            dst = slice_rows(m, s.devices)
-            for value in slice_inputs(metaops, s.metaop, s.layer_start):
-                per_sample = value_elements(metaops, value)
-                if per_sample <= 0:
-                    continue
-                # producer-major, the order the per-device sums were always taken in
-                for p in sorted(pieces(producer_rows[value[0]], dst),
-                                key=lambda p: (p.src_rows.start, p.rows.start)):
-                    if not p.is_local:
-                        moves.append((p.src, p.dst, p.rows.size * per_sample))
-        for s in wave.slices:
-            producer_rows[s.metaop] = slice_rows(metaops[s.metaop], s.devices)
-        out.append(moves)
-    return out
-
-
-def predicted_send_bytes(plan: Plan, element_bytes: int) -> float:
-    """Bytes sent between different devices in one iteration, forward activations plus the
-    same volume of gradients in backward, with ``element_bytes`` per element (4 for the fp32 CPU
-    runtime).  Local copies (same device) are not counted.  The runtime moves the same pieces,
-    so its measured bytes sent must equal this."""
-    return 2.0 * element_bytes * sum(e for moves in inter_wave_transfers(plan)
-                                     for _, _, e in moves)
-
-
 @dataclass(frozen=True)
 class Communication:
     """The placement-dependent part of an iteration: inter-wave send/recv and parameter sync."""
@@ -340,7 +308,7 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
     send_recv = latency = 0.0
     exchanges = 0
     total = intra = inter = 0.0
-    for moves in inter_wave_transfers(plan):
+    for w, moves in enumerate(inter_wave_transfers(plan)):
         if not moves:
             continue
         out_t: dict[int, float] = defaultdict(float)
@@ -375,7 +343,17 @@ def communication(plan: Plan, graph: MetaGraph, links: Links,
                 per_device[a] += t
                 per_device[b] += t
             boundary = max(per_device.values())
-        send_recv += 2 * boundary  # forward activations, then the same volume of gradients back
+        if links.transfer_chunks > 1 and wave_compute is not None:
+            # chunked transfers: all but the last chunk travel under the producers' forward
+            # (the wave before) and the consumers' backward (this wave), as far as they overlap
+            k, x = links.transfer_chunks, links.sync_overlap
+            share = 1.0 - links.backward_share
+            for window in (share * wave_compute[w - 1] if w else 0.0,
+                           links.backward_share * wave_compute[w]):
+                t = boundary - lat
+                send_recv += lat + t - x * min(t, window) * (k - 1) / k
+        else:  # forward activations, then the same volume of gradients back
+            send_recv += 2 * boundary
         latency += 2 * lat
         exchanges += 2 * n_peer
 

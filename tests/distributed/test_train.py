@@ -28,8 +28,8 @@ from tests.plans import (
 
 
 def test_bytes_sent_equal_the_planners_prediction(tmp_path: Path) -> None:
+    from spindle.plan.layout import predicted_send_bytes
     from spindle.planner.pipeline import make_plan
-    from spindle.planner.simulator import predicted_send_bytes
 
     w = load_workload("tiny-ofasys")
     plans = {"spindle": make_plan(w, "spindle", 4, 4), "mixed": demanding_mixed_plan(w, 4)}

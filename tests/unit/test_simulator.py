@@ -71,8 +71,8 @@ def test_parameter_groups_merge_shared_layers(clip):
 def test_predicted_bytes_follow_the_runtime_transmission_schedule(name):
     """Every row range the runtime sends between ranks is a transfer the simulator charges, and
     nothing else: so ``predicted_send_bytes`` is what the runtime's counters must read."""
+    from spindle.plan.layout import inter_wave_transfers, predicted_send_bytes
     from spindle.planner.pipeline import build_plan, make_context
-    from spindle.planner.simulator import inter_wave_transfers, predicted_send_bytes
     from spindle.runtime.edges import TransmissionSchedule
 
     moved = 0.0
@@ -214,3 +214,28 @@ def test_overlapped_sync_hides_under_backward_only_when_the_hardware_overlaps(cl
     fast = TableEstimator({m.id: {1: 1e-9, 2: 1e-9, 4: 1e-9} for m in g.metaops})
     exposed = simulate(plan, g, fast, dataclasses.replace(links, sync_overlap=1.0)).sync_s
     assert exposed >= hidden and exposed > 0
+
+
+def test_chunked_transfers_hide_all_but_the_last_chunk_under_the_neighbouring_compute() -> None:
+    """K chunks: a boundary's transfer time less (K-1)/K of it, as far as the producers'
+    forward and the consumers' backward last, scaled by the overlap; nothing without overlap."""
+    import dataclasses
+
+    from spindle.planner.pipeline import make_context
+    from spindle.planner.simulator import communication, wave_compute_times
+    from tests.plans import all_plans
+
+    ctx = make_context("tiny-ofasys", 4, 2, "a800", check_memory=False)
+    plan = all_plans(load_workload("tiny-ofasys"), 4)["mixed"]
+    compute = wave_compute_times(plan.waves, ctx.graph, ctx.estimator, ctx.links)
+    base = communication(plan, ctx.graph, ctx.links, compute).send_recv_s
+    assert base > 0
+    links = dataclasses.replace(ctx.links, transfer_chunks=4, sync_overlap=1.0)
+    chunked = communication(plan, ctx.graph, links, compute).send_recv_s
+    huge = communication(plan, ctx.graph, links, [1e9] * len(compute)).send_recv_s
+    assert huge <= chunked < base
+    lat = communication(plan, ctx.graph, ctx.links, compute).latency_s
+    # with all the compute in the world, a quarter of the bandwidth part is left, latency whole
+    assert huge == pytest.approx(lat + (base - lat) / 4)
+    none = dataclasses.replace(links, sync_overlap=0.0)
+    assert communication(plan, ctx.graph, none, compute).send_recv_s == pytest.approx(base)
