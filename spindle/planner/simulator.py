@@ -56,12 +56,13 @@ from spindle.costs.cluster import Cluster
 from spindle.costs.estimator import Estimator
 from spindle.costs.graph import MetaGraph
 from spindle.costs.profile import Profile
-from spindle.plan.contract import Plan, Wave
+from spindle.plan.contract import Plan, Slice, Wave
 from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
     ParameterIndex,
     inter_wave_transfers,
+    local_rows,
     parameter_pools,
     parameter_use,
     ready_fractions,
@@ -107,8 +108,11 @@ class Links:
     sync_bucket_bytes: float = SYNC_BUCKET_BYTES
     sync_min_bucket_bytes: float = SYNC_MIN_BUCKET_BYTES
     sync_start: str = "layer"
-    # the runtime's --transfer-chunks: a slice's rows sent in this many chunks as computed
+    # the runtime's --transfer-chunks: a slice's rows sent in this many chunks as computed;
+    # each chunk more costs every layer of a slice one more call's fixed part (the hardware
+    # model's compute time of a call doing no work)
     transfer_chunks: int = 1
+    layer_call_s: float = 0.0
     # measured times (seconds) by message size, used instead of latency + bytes / bandwidth
     # inside a node: an all-reduce's ring traffic (t(bytes, n) = measured(bytes * 2(n-1)/n)),
     # and a P2P exchange of that many bytes each way
@@ -195,6 +199,7 @@ def links_for_cluster(
         grad_bytes=hw.grad_bytes, param_bytes=cluster.memory_model().weight_bytes,
         inter_node_latency_s=hw.inter_node_latency_s,
         optimizer_per_param_s=hw.optimizer_time(1.0), sync_overlap=hw.sync_overlap,
+        layer_call_s=hw.compute_time(0.0),
     )
     if profile is None:
         return links
@@ -289,9 +294,17 @@ def wave_compute_times(waves: Sequence[Wave], graph: MetaGraph, estimator: Estim
     compute time, plus the runtime's per-wave cost.  A slice of a MetaOp in ``recompute`` runs
     its forward once more in backward (``1 - backward_share`` of its compute)."""
     again = 2.0 - links.backward_share
+    k = links.transfer_chunks
+
+    def chunked(s: Slice) -> float:  # the runtime's rule (TransmissionSchedule.chunk_bounds)
+        m = graph.metaops[s.metaop]
+        rows = local_rows(m, s.n)
+        return (k - 1) * s.num_layers * links.layer_call_s if k > 1 and not m.is_loss and (
+            rows >= k) else 0.0
+
     return [
         max((s.num_layers * estimator.compute_time(graph.metaops[s.metaop], s.n)
-             * (again if s.metaop in recompute else 1.0)
+             * (again if s.metaop in recompute else 1.0) + chunked(s)
              for s in wave.slices), default=0.0) + links.wave_overhead_s
         for wave in waves
     ]

@@ -239,3 +239,30 @@ def test_chunked_transfers_hide_all_but_the_last_chunk_under_the_neighbouring_co
     assert huge == pytest.approx(lat + (base - lat) / 4)
     none = dataclasses.replace(links, sync_overlap=0.0)
     assert communication(plan, ctx.graph, none, compute).send_recv_s == pytest.approx(base)
+
+
+def test_each_chunk_costs_every_layer_of_a_slice_one_more_call() -> None:
+    """The compute side of chunked transfers: K chunks run every layer of a (non-loss) slice K
+    times on a K-th of its rows, K - 1 more calls' fixed part (the hardware model's
+    ``compute_time(0)``); a loss slice is never chunked."""
+    import dataclasses
+
+    from spindle.plan.layout import local_rows
+    from spindle.planner.pipeline import make_context
+    from spindle.planner.simulator import wave_compute_times
+    from tests.plans import all_plans
+
+    ctx = make_context("tiny-ofasys", 2, 2, "a800", check_memory=False)
+    plan = all_plans(load_workload("tiny-ofasys"), 2)["sequential"]
+    assert ctx.links.layer_call_s == pytest.approx(ctx.hardware.compute_time(0.0))
+    base = wave_compute_times(plan.waves, ctx.graph, ctx.estimator, ctx.links)
+    links = dataclasses.replace(ctx.links, transfer_chunks=2)
+    got = wave_compute_times(plan.waves, ctx.graph, ctx.estimator, links)
+    chunked = 0
+    for wave, b, g in zip(plan.waves, base, got):
+        (s,) = wave.slices
+        m = ctx.graph.metaops[s.metaop]
+        extra = 0 if m.is_loss or local_rows(m, s.n) < 2 else s.num_layers
+        chunked += extra > 0
+        assert g == pytest.approx(b + extra * ctx.links.layer_call_s)
+    assert chunked > 0
