@@ -22,13 +22,11 @@ shapes are used (the plan and the data shapes are fixed for a run).
 :class:`Transmitter` does the communication on one rank.
 
 Chunked transfers (``--transfer-chunks K``, T3's idea in software): from the second iteration
-on (when every receiver knows the shapes), a slice is computed in K row chunks
-(:meth:`TransmissionSchedule.chunk_bounds`) and each chunk's rows for other ranks are sent
-(``isend``) as soon as computed, while the next chunk computes; the receivers posted their
-``irecv`` at the start of the producers' wave and wait at the consumers' boundary.  In backward
-the consumer runs its chunks' backward last first and sends each chunk's input gradients at
-once, to receives posted before the consumers' wave's backward.  Both ends post a pair's chunked
-messages in one order (chunk, edge, piece, tensor) under one tag per direction.
+on (every receiver then knows the shapes), a slice is computed in K row chunks
+(:meth:`TransmissionSchedule.chunk_bounds`), each chunk's rows ``isend`` as soon as computed
+into receives posted at the start of the producers' wave and waited for at the consumers'
+boundary; in backward each chunk's input gradients likewise, last chunk first.  Both ends post a
+pair's chunked messages in one order (chunk, edge, piece, tensor), one tag per direction.
 """
 
 from __future__ import annotations
@@ -204,10 +202,15 @@ class Transmitter:
         return self._routes[wave]
 
     # -- chunked transfers --------------------------------------------------------------------
+    @property
+    def chunking(self) -> bool:
+        """Whether this iteration computes and sends slices in chunks (from the second on)."""
+        return self.chunks > 1 and self.iteration >= 2
+
     def chunk_rows(self, ref: SliceRef, rank: int | None = None) -> list[RowRange] | None:
         """The chunks (batch rows) ``rank``'s rows of slice ``ref`` are computed and sent in
         this iteration, or None (the same answer on every rank)."""
-        if self.iteration < 2:
+        if not self.chunking:
             return None
         s = self.schedule.plan.waves[ref.wave].slices[ref.index]
         if s.n == 1 and not self.chunk_single:
@@ -248,6 +251,8 @@ class Transmitter:
     def post_receives(self, edges: Sequence[Edge], backward: bool) -> None:
         """Post this rank's receives of ``edges``' chunked messages (forward: at the start of
         the producers' wave; backward: before the consumers' backward)."""
+        if not self.chunking:
+            return
         items = [(c, e, sub, i) for e in edges for c, sub, i in self._early_items(e, backward)]
         # the senders' order: chunk by chunk (stable: edges, pieces, tensors within one)
         for _, e, sub, i in sorted(items, key=lambda x: -x[0] if backward else x[0]):
@@ -302,6 +307,7 @@ class Transmitter:
         return out
 
     def _wait_work(self, work: dist.Work) -> None:
+        """Wait for one request, at most the timeout (then fail: a peer stopped answering)."""
         if self._timeout is None:
             work.wait()
         elif not work.wait(self._timeout):
@@ -388,8 +394,10 @@ class Transmitter:
             _accumulate(output_grads, produced, item.edge.value, item.tensor, item.piece, g)
 
     # -- messages -----------------------------------------------------------------------------
-    def _at_boundary(self, routes: Sequence[Route], backward: bool) -> list[Route]:
+    def _at_boundary(self, routes: Sequence[Route], backward: bool) -> Sequence[Route]:
         """The routes that travel at the boundary: those not sent chunk by chunk."""
+        if not self.chunking:
+            return routes
         return [(e, p) for e, p in routes if self._sub_pieces(e, p, backward) is None]
 
     def _items(self, routes: Sequence[Route], grads_only: bool = False) -> list[_Item]:
@@ -404,11 +412,7 @@ class Transmitter:
         if not ops:
             return
         for req in dist.batch_isend_irecv(ops):
-            if self._timeout is None:
-                req.wait()
-            elif not req.wait(self._timeout):
-                raise TimeoutError(f"no answer from a peer within"
-                                   f" {self._timeout.total_seconds():.0f} s")
+            self._wait_work(req)
 
     def _exchange_headers(
         self, routes: WaveRoutes, produced: Mapping[ValueKey, Activation]
