@@ -372,8 +372,8 @@ class TrainingRun:
         if config.transfer_chunks > 1 and device.type == "cuda":
             raise ConfigError(f"--transfer-chunks {config.transfer_chunks}: chunked transfers"
                               " run on gloo (CPU) only so far; use 1 on CUDA")
-        # a user's module is probed row-wise only where a plan splits its batch over devices:
-        # only then are its one-device slices computed in chunks too
+        # a user's module is probed row-wise only where a plan splits its batch over devices,
+        # so a user workload's one-device slices are never computed in chunks
         self.transmitter = Transmitter(schedule, rank, device, timeout_s=config.timeout,
                                        chunks=config.transfer_chunks,
                                        chunk_single=not isinstance(provider, UserProvider))
