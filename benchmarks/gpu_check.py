@@ -354,7 +354,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--budget-s", type=float, default=420.0)
-    ap.add_argument("--hardware", default="h100", help="preset whose predictions to compare")
+    ap.add_argument("--hardware", default="h200", help="preset whose predictions to compare")
     ap.add_argument("--quick", action="store_true", help="toy sizes (a check of the script)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="a800", help="hardware preset name or YAML file")
     p.add_argument("--profile", default=None, help="measured profile (from `spindle profile`)")
     p.add_argument("--cluster", default=None,
-                   help="cluster preset (a800, h100, cpu) or cluster YAML (default: --hardware)")
+                   help="cluster preset (a800, h100, h200, cpu) or cluster YAML"
+                        " (default: --hardware)")
     p.add_argument("--nodes", type=int, default=None, help="number of nodes (with --cluster)")
     p.add_argument("--device-memory-gib", type=float, default=None,
                    help="override the device memory (GiB)")

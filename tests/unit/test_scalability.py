@@ -148,7 +148,7 @@ def test_estimator_is_positive_and_non_increasing(clip10: list[MetaOp]) -> None:
 
 def test_presets_have_a_source_for_every_constant() -> None:
     data = yaml.safe_load(HARDWARE_FILE.read_text())
-    assert {"a800", "h100", "cpu"} <= set(data)
+    assert {"a800", "h100", "h200", "cpu"} <= set(data)
     for name, preset in data.items():
         hw = load_hardware(name)
         for fld, val in preset.items():
@@ -159,6 +159,9 @@ def test_presets_have_a_source_for_every_constant() -> None:
     assert (a800.peak_flops, a800.memory_bytes, a800.devices_per_node) == (312e12, 80 * 2**30, 8)
     assert a800.inter_node_bandwidth == 50e9
     assert load_hardware("h100").peak_flops == 790e12
+    h200 = load_hardware("h200")  # the H100's chip, more and faster memory
+    assert h200.memory_bytes == 143771 * 2**20 and h200.memory_bandwidth > 3.35e12
+    assert "MEASURED" in h200.sources["peak_flops"]
     assert all("PLACEHOLDER" in s or "machine" in s or "fp32" in s or "MEASURED" in s
                for s in load_hardware("cpu").sources.values())
 
