@@ -19,11 +19,12 @@ Per device, two parts:
   :mod:`spindle.runtime.zero`): stage 1 splits each sharded parameter's optimizer states evenly
   over its device group (all devices that hold it), so a device pays ``optimizer_bytes /
   |group|`` for it; stage 2 splits its gradient bytes too, but the full gradients of the keys a
-  slice computes live through that slice's backward, next to the buffer they are
-  reduce-scattered from (:class:`spindle.runtime.zero.Stage2Sync`), and the previous wave's
-  buffers not yet waited for: three times their bytes are in flight in the backward, at most
-  ``gradient_in_flight_bytes`` (three sync buckets where the sync starts layer by layer, the
-  GPU presets; no cap with the CPU's wave-granular start).  A stage-1 reduce-scatter copies
+  slice computes live through that slice's backward next to the previous wave's buffer still
+  being reduce-scattered, and at their launch (once that one is waited for) the buffer they
+  are copied into and gloo's clone of it (:class:`spindle.runtime.zero.Stage2Sync`): twice
+  their bytes are in flight in the backward, at most ``gradient_in_flight_bytes`` (three
+  sync buckets where the sync starts layer by layer, the GPU presets; no cap with the CPU's
+  wave-granular start).  A stage-1 reduce-scatter copies
   a bucket's gradients into one buffer (then frees them), gloo clones it once more
   (``scatter_clone``; measured: a ZeRO-1 step's peak on 2 gloo ranks is in that clone), and
   the share is written apart: one bucket's copy, the clones and the shares at the launch.
@@ -394,12 +395,12 @@ class MemoryLedger:
                         self.index.grad_sizes[ids] * self.model.weight_bytes, 0.0)
 
     def _gradient_transient(self, ids: np.ndarray, stage: np.ndarray) -> float:
-        """ZeRO-2: the full gradients of a slice's sharded keys and the buffer they are
-        reduce-scattered from, alive through its backward."""
+        """ZeRO-2: twice the full gradients of a slice's sharded keys (module docstring), in
+        flight through its backward."""
         assert self.index is not None
         sharded = ids[stage[ids] >= 2]
-        # the gradients, their buffer, and the previous wave's buffers not yet waited for
-        return min(3.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
+        # the gradients and the previous wave's buffer; at the launch, the buffer and its clone
+        return min(2.0 * float(self.index.grad_sizes[sharded].sum()) * self.model.grad_bytes,
                    self.model.gradient_in_flight_bytes)
 
     def _stage1(self, ids: np.ndarray, stage: np.ndarray, n: float) -> np.ndarray:

@@ -210,8 +210,9 @@ class Stage2Sync:
     bucket's buffer is freed as the backward goes on (on NCCL; gloo reports a collective done
     only once waited for).  When a wave's backward ends, the reduce-scatters of the waves
     before it in backward are waited for: every member has launched those by then (it has
-    finished their waves' backward), so the wait cannot deadlock, and at most two waves'
-    buffers are ever alive."""
+    finished their waves' backward), so the wait cannot deadlock; they are waited for before the
+    wave's remaining buckets are launched, so at most two waves' buffers are ever alive, and
+    after a wave's backward only its own."""
 
     def __init__(self, scatters: list[WaveScatter], uses: Mapping[int, set[str]],
                  layer: bool) -> None:
@@ -237,10 +238,12 @@ class Stage2Sync:
             self._issue(params, force=False)
 
     def end(self, wave: int, params: Mapping[str, torch.nn.Parameter]) -> None:
-        if wave == self.wave:
-            self._issue(params, force=True)
+        # the earlier waves' reduce-scatters first (they had this wave's backward to finish):
+        # their buffers go before this wave's remaining buckets take theirs
         for s in self.scatters:
             s.drain(after=wave)
+        if wave == self.wave:
+            self._issue(params, force=True)
 
     def _issue(self, params: Mapping[str, torch.nn.Parameter], force: bool) -> None:
         order = self.order.get(self.wave, [])
