@@ -175,7 +175,38 @@ def section_layers(device: torch.device, quick: bool, hardware: str, report: Rep
         t = timed(opt.step, device, 2, 5)
         opt_rows.append({"params": count, "seconds": t, "predicted_s": hw.optimizer_time(count)})
         del ps, opt
-    return {"hardware": hardware, "layers": rows, "optimizer": opt_rows}
+    return {"hardware": hardware, "layers": rows, "optimizer": opt_rows,
+            "fit": fit_preset(rows, opt_rows)}
+
+
+def fit_preset(rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The hardware model's compute constants fitted to the measured layer calls: least
+    squares (relative) of ``t = a + w / b`` over the rows, so ``b = peak * max_efficiency``
+    and ``a`` the fixed part per call; ``layer_overhead_s`` is the smallest call's time less
+    its work at ``b`` (what is left when the work vanishes), the rest of ``a`` goes to
+    ``efficiency_half_work_flops``; the AdamW rows give ``memory_bandwidth`` at 28 B/param.
+    Paste the result into hardware.yaml with the run's date as the source."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return {}
+    w = np.array([r["flops"] for r in rows])
+    t = np.array([r["measured_s"] for r in rows])
+    # minimise sum ((a + w/b - t) / t)^2: linear in (a, 1/b)
+    A = np.stack([1.0 / t, w / t], axis=1)
+    (a, inv_b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+    b = 1.0 / inv_b if inv_b > 0 else float("inf")
+    small = int(np.argmin(w))
+    overhead = float(max(min(t[small] - w[small] / b, a), 0.0))
+    err = (a + w / b - t) / t
+    out = {"a_s": float(a), "b_flops": float(b), "layer_overhead_s": overhead,
+           "efficiency_half_work_flops": float(max(a - overhead, 0.0) * b),
+           "median_abs_error": float(np.median(np.abs(err))), "max_abs_error":
+           float(np.max(np.abs(err)))}
+    if opt_rows:
+        per_param = max(r["seconds"] / r["params"] for r in opt_rows)
+        out["memory_bandwidth"] = 28.0 / per_param
+    return out
 
 
 # --- train -------------------------------------------------------------------------------------
