@@ -83,6 +83,16 @@ def local_rows(metaop: MetaOp, n: int) -> int:
     return metaop.batch if metaop.is_loss else metaop.batch // n
 
 
+def chunk_ranges(metaop: MetaOp, rows: RowRange, chunks: int) -> list[RowRange] | None:
+    """``rows`` of a slice of ``metaop`` cut into ``chunks`` chunks (the runtime's
+    ``--transfer-chunks``), or None where the slice is not computed in chunks: one chunk, a
+    contrastive loss (its batch is coupled), fewer rows than chunks."""
+    if chunks <= 1 or metaop.is_loss or rows.size < chunks:
+        return None
+    lo, n = rows.start, rows.size
+    return [RowRange(lo + c * n // chunks, lo + (c + 1) * n // chunks) for c in range(chunks)]
+
+
 @functools.lru_cache(maxsize=4096)
 def row_ranges(batch: int, n: int) -> tuple[RowRange, ...]:
     """The rows of each of ``n`` members of a data-parallel group over ``batch`` samples:

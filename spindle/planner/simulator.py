@@ -61,6 +61,8 @@ from spindle.plan.layout import (
     SYNC_BUCKET_BYTES,
     SYNC_MIN_BUCKET_BYTES,
     ParameterIndex,
+    RowRange,
+    chunk_ranges,
     inter_wave_transfers,
     local_rows,
     parameter_pools,
@@ -296,11 +298,10 @@ def wave_compute_times(waves: Sequence[Wave], graph: MetaGraph, estimator: Estim
     again = 2.0 - links.backward_share
     k = links.transfer_chunks
 
-    def chunked(s: Slice) -> float:  # the runtime's rule (TransmissionSchedule.chunk_bounds)
+    def chunked(s: Slice) -> float:  # a device's rows, cut as the runtime cuts them
         m = graph.metaops[s.metaop]
-        rows = local_rows(m, s.n)
-        return (k - 1) * s.num_layers * links.layer_call_s if k > 1 and not m.is_loss and (
-            rows >= k) else 0.0
+        cut = chunk_ranges(m, RowRange(0, local_rows(m, s.n)), k)
+        return (k - 1) * s.num_layers * links.layer_call_s if cut else 0.0
 
     return [
         max((s.num_layers * estimator.compute_time(graph.metaops[s.metaop], s.n)

@@ -20,6 +20,7 @@ from spindle.plan.layout import (
     RowRange,
     SliceRef,
     ValueKey,
+    chunk_ranges,
     iter_slices,
     pieces,
     slice_inputs,
@@ -89,17 +90,10 @@ class TransmissionSchedule:
     def chunk_bounds(self, ref: SliceRef, rank: int, chunks: int) -> list[RowRange] | None:
         """The batch rows of each of ``chunks`` chunks of ``rank``'s rows of slice ``ref``
         (None where the slice is not computed in chunks: a loss, fewer rows than chunks)."""
-        if chunks <= 1:
-            return None
         s = self.plan.waves[ref.wave].slices[ref.index]
         metaop = self.plan.metaops[s.metaop]
-        if metaop.is_loss:
-            return None
         mine = [r for d, r in slice_rows(metaop, s.devices) if d == rank]
-        if not mine or mine[0].size < chunks:
-            return None
-        lo, n = mine[0].start, mine[0].size
-        return [RowRange(lo + c * n // chunks, lo + (c + 1) * n // chunks) for c in range(chunks)]
+        return chunk_ranges(metaop, mine[0], chunks) if mine else None
 
     def remote_rows(self) -> list[tuple[int, int, int, ValueKey]]:
         """``(src, dst, rows, value)`` for every piece that crosses ranks (forward direction)."""
