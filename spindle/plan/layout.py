@@ -323,6 +323,8 @@ def metaop_stages(index: ParameterIndex, zero: Mapping[int, int]) -> np.ndarray:
         for m, st in key:
             for ids in index.layer_ids[m]:
                 stage[ids] = np.maximum(stage[ids], st)
+        if len(cache) >= 256:  # a planning run tries a few dozen choices; never unbounded
+            cache.clear()
         cache[key] = stage
     return stage.copy()
 
