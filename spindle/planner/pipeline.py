@@ -277,9 +277,28 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
             options.append(settle(most, waves, most_choice))
         except PlacementError as err:
             log.info("%s with %s: %s", planner, strategies[-1].label, err)
-    _, placed, choice, chosen = min(options, key=lambda o: o[0])
+    t_best, placed, choice, chosen = min(options, key=lambda o: o[0])
     recompute, zero = chosen.model.strategy(ctx.graph.metaops)
     choice["memory"] = chosen.label
+    if candidates is not None:
+        # the search picks the schedule before its strategy is refined per MetaOp and simulates
+        # the ZeRO-1 alternative on placements made without it, so a baseline's own plan (its
+        # ladder, its refinement, its placement again under the chosen strategy) can come out
+        # faster: Spindle never returns a slower one
+        for cand in candidates:
+            name = cand.label
+            if name not in BASELINES or sum(wave_compute_times(
+                    cand.waves, ctx.graph, ctx.estimator, ctx.links)) >= t_best:
+                continue  # its compute alone (no strategy adds less) cannot beat the plan
+            try:
+                other, _ = build_plan(ctx, name)
+            except (PlacementError, PlanningError):
+                continue
+            if time_of(other) < t_best * (1 - 1e-12):
+                t_best, placed, recompute, zero = (time_of(other), list(other.waves),
+                                                   other.recompute, dict(other.zero))
+                choice = {**other.choice, "schedule": f"{name}'s own plan", "searched":
+                          choice["searched"], "placement": ctx.placement}
     elapsed = time.perf_counter() - t0
     plan = Plan(
         planner=planner, workload=ctx.workload.name,

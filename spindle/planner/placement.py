@@ -426,7 +426,7 @@ def place_candidates(
             index).fits()):
         out.append(candidate("sequential", naive))
     if not out:
-        raise errors[0]
+        raise errors[0] if errors else PlacementError("sequential placement: out of memory")
     return out
 
 

@@ -112,10 +112,17 @@ def search(
         compute = wave_compute_times(waves, graph, estimator, links, recompute)
         if best is not None and sum(compute) >= best.simulation.makespan_s:
             continue  # compute alone is a lower bound of the iteration
+        only = None if cand.exhaustive or winner is None else winner
         try:
-            only = None if cand.exhaustive or winner is None else winner
-            placements = _placements(waves, graph, cluster, memory_model, capacity_bytes, index,
-                                     compute, links, naive_placement, label, only)
+            try:
+                placements = _placements(waves, graph, cluster, memory_model, capacity_bytes,
+                                         index, compute, links, naive_placement, label, only)
+            except PlacementError:
+                if only is None:
+                    raise
+                only = None  # the first schedule's winning placement does not fit this one
+                placements = _placements(waves, graph, cluster, memory_model, capacity_bytes,
+                                         index, compute, links, naive_placement, label)
         except PlacementError as err:
             first_error = first_error or err
             log.info("search: schedule %s does not fit: %s", label, err)
