@@ -196,9 +196,11 @@ def make_context(
     )
 
 
-def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, float]:
+def build_plan(ctx: PlanningContext, planner: str = "spindle",
+               schedule: list[Wave] | None = None) -> tuple[Plan, float]:
     """Run ``planner`` and place its waves; returns the validated plan and the planning time
     (planner + placement, and for Spindle the sync-aware search over its candidates).
+    ``schedule``: a baseline's waves when already planned (they are planned once either way).
 
     The memory strategy is part of the plan, chosen the same way for every planner, baselines
     included (:mod:`spindle.planner.strategy`): the waves are placed under ``none``, then
@@ -214,6 +216,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
     index = ctx.parameter_index or ctx.graph.parameter_index
     last: PlacementError | None = None
     candidates = spindle_candidates(ctx) if planner == "spindle" and ctx.sync_aware else None
+    if candidates is None and schedule is None:
+        schedule = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
     for fitted in strategies:
         # Spindle's search also simulates each placement with ZeRO-1, which can make another
         # schedule the fastest
@@ -225,7 +229,7 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
             and len(ctx.graph.metaops) * ctx.num_devices <= ALTERNATIVES_LIMIT) else []
         try:
             placed, choice, won = _placed(ctx, planner, uniform_model(base, fitted), candidates,
-                                          alternatives)
+                                          alternatives, schedule)
             forced = fitted != strategies[0]
             if alternatives and won == alternatives[0]:
                 fitted = faster
@@ -260,7 +264,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
             # a baseline's waves placed again under the chosen strategy (the placement weighs
             # its sync; Spindle's search simulated every placement with it already)
             try:
-                again, choice_again, _ = _placed(ctx, planner, chosen.model, None)
+                again, choice_again, _ = _placed(ctx, planner, chosen.model, None, (),
+                                                 schedule)
                 t_again = time_of(plan_of(again, chosen.model))
                 if t_again < t:
                     placed, choice, t = again, choice_again, t_again
@@ -273,7 +278,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
         # memory-bound: the most memory-saving strategy may admit a much shorter schedule
         try:
             most = strategies[-1]
-            waves, most_choice, _ = _placed(ctx, planner, uniform_model(base, most), candidates)
+            waves, most_choice, _ = _placed(ctx, planner, uniform_model(base, most), candidates,
+                                            (), schedule)
             options.append(settle(most, waves, most_choice))
         except PlacementError as err:
             log.info("%s with %s: %s", planner, strategies[-1].label, err)
@@ -291,7 +297,7 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
                     cand.waves, ctx.graph, ctx.estimator, ctx.links)) >= t_best:
                 continue  # its compute alone (no strategy adds less) cannot beat the plan
             try:
-                other, _ = build_plan(ctx, name)
+                other, _ = build_plan(ctx, name, list(cand.waves))
             except (PlacementError, PlanningError):
                 continue
             if time_of(other) < t_best * (1 - 1e-12):
@@ -312,7 +318,8 @@ def build_plan(ctx: PlanningContext, planner: str = "spindle") -> tuple[Plan, fl
 
 
 def _placed(ctx: PlanningContext, planner: str, model: MemoryModel,
-            candidates: list[Candidate] | None, alternatives: Sequence[MemoryModel] = ()
+            candidates: list[Candidate] | None, alternatives: Sequence[MemoryModel] = (),
+            schedule: list[Wave] | None = None,
             ) -> tuple[list[Wave], dict[str, str], MemoryModel]:
     """``planner``'s placed waves under ``model``'s memory strategy (and what the search chose
     among ``candidates``, Spindle's, each also simulated under ``alternatives``; the strategy
@@ -327,7 +334,8 @@ def _placed(ctx: PlanningContext, planner: str, model: MemoryModel,
             "schedule": found.schedule, "placement": found.placement,
             "searched": f"{found.placed} of {found.considered} candidate schedules placed"
         }, found.model or model
-    waves = plan_waves(planner, ctx.graph, ctx.estimator, ctx.num_devices)
+    assert schedule is not None  # build_plan plans a baseline's waves once
+    waves = schedule
     if ctx.placement != "naive":
         recompute, _ = model.strategy(ctx.graph.metaops)
         return place(ctx.graph, waves, ctx.cluster, model, capacity, index,
